@@ -1,0 +1,282 @@
+"""The wire format: the only module that knows trace header names.
+
+A message (or an HTTP request) carries two views of the same trace context, so that
+OpenTelemetry consumers and Langfuse-aware ones both understand it:
+
+- W3C ``traceparent`` (plus ``tracestate``/``baggage``) as the global OTel propagator
+  writes them;
+- ``x-langfuse-*`` headers: trace id, parent observation id, and the trace-level
+  attributes Langfuse filters on (user, session, tags, trace name, environment,
+  metadata), plus the publish time so the worker can report queue wait.
+
+Headers are untrusted input. :func:`extract` validates every value and drops what
+does not fit; a bad header means a fresh trace and a debug log, never an exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from opentelemetry import baggage, propagate
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+log = logging.getLogger(__name__)
+
+TRACEPARENT = "traceparent"
+TRACE_ID = "x-langfuse-trace-id"
+PARENT_ID = "x-langfuse-parent-id"
+USER_ID = "x-langfuse-user-id"
+SESSION_ID = "x-langfuse-session-id"
+TAGS = "x-langfuse-tags"
+TRACE_NAME = "x-langfuse-trace-name"
+ENVIRONMENT = "x-langfuse-environment"
+METADATA = "x-langfuse-metadata"
+PUBLISHED_AT = "x-langfuse-published-at"
+
+#: Every header this library writes; a reader may use it to strip or forward them.
+ALL_HEADERS = (
+    TRACEPARENT,
+    TRACE_ID,
+    PARENT_ID,
+    USER_ID,
+    SESSION_ID,
+    TAGS,
+    TRACE_NAME,
+    ENVIRONMENT,
+    METADATA,
+    PUBLISHED_AT,
+)
+
+# Limits follow what Langfuse itself accepts for propagated attributes.
+_MAX_ATTRIBUTE_CHARS = 200
+_MAX_TAGS = 50
+_MAX_METADATA_KEYS = 50
+_MAX_METADATA_CHARS = 8_000
+_TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID_RE = re.compile(r"[0-9a-f]{16}")
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ENVIRONMENT_RE = re.compile(r"(?!langfuse)[a-z0-9_-]{1,40}")
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
+
+# The SDK's span processor marks the first exported span of a trace in a process as
+# the trace's "app root" unless this baggage entry names the trace: a worker run
+# continuing a producer's trace must not claim the trace's name and input.
+_APP_ROOT_CLAIM_BAGGAGE_KEY = "langfuse_trace_id"
+
+
+@dataclass(frozen=True)
+class TraceAttributes:
+    """Trace-level attributes that Langfuse filters on and that cross the broker."""
+
+    user_id: Optional[str] = None
+    session_id: Optional[str] = None
+    tags: tuple[str, ...] = ()
+    trace_name: Optional[str] = None
+    environment: Optional[str] = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.user_id
+            or self.session_id
+            or self.tags
+            or self.trace_name
+            or self.environment
+            or self.metadata
+        )
+
+
+@dataclass(frozen=True)
+class TraceParent:
+    """Where a consumer continues a trace: ids validated, ready to attach."""
+
+    trace_id: str
+    parent_id: str
+    sampled: bool = True
+    #: True when the producer is Langfuse-aware (wrote ``x-langfuse-trace-id``):
+    #: its observation already owns the trace's name and input.
+    from_langfuse: bool = False
+
+    def context(self, base: Optional[otel_context.Context] = None) -> otel_context.Context:
+        """An OTel context whose current span is the remote parent."""
+        span_context = SpanContext(
+            trace_id=int(self.trace_id, 16),
+            span_id=int(self.parent_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(TraceFlags.SAMPLED if self.sampled else TraceFlags.DEFAULT),
+        )
+        ctx = otel_trace.set_span_in_context(NonRecordingSpan(span_context), base)
+        if self.from_langfuse:
+            ctx = baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, self.trace_id, context=ctx)
+        return ctx
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """Everything a consumer reads from one message's headers."""
+
+    parent: Optional[TraceParent]
+    attributes: TraceAttributes
+    published_at: Optional[float]
+
+
+def inject(
+    headers: MutableMapping[str, Any],
+    *,
+    parent: Optional[TraceParent],
+    attributes: TraceAttributes,
+) -> None:
+    """Write the wire format into ``headers``, keeping every other header as it is.
+
+    ``parent`` is the observation the consumer's work becomes a child of; the global
+    OTel propagator writes it as ``traceparent`` (and ``tracestate``/``baggage``), and
+    the ``x-langfuse-*`` headers repeat it for Langfuse-aware consumers.
+    """
+    if parent is not None:
+        propagate.inject(headers, context=parent.context())
+        headers[TRACE_ID] = parent.trace_id
+        headers[PARENT_ID] = parent.parent_id
+    if attributes.user_id:
+        headers[USER_ID] = attributes.user_id
+    if attributes.session_id:
+        headers[SESSION_ID] = attributes.session_id
+    if attributes.tags:
+        headers[TAGS] = json.dumps(list(attributes.tags), separators=(",", ":"))
+    if attributes.trace_name:
+        headers[TRACE_NAME] = attributes.trace_name
+    if attributes.environment:
+        headers[ENVIRONMENT] = attributes.environment
+    if attributes.metadata:
+        headers[METADATA] = json.dumps(dict(attributes.metadata), separators=(",", ":"))
+    headers[PUBLISHED_AT] = f"{time.time():.6f}"
+
+
+def extract(headers: Mapping[str, Any]) -> Extracted:
+    """Read the wire format back, tolerating anything: bad values are dropped."""
+    return Extracted(
+        parent=_parent_from(headers),
+        attributes=TraceAttributes(
+            user_id=_short_string(headers, USER_ID),
+            session_id=_short_string(headers, SESSION_ID),
+            tags=_tags(headers),
+            trace_name=_short_string(headers, TRACE_NAME),
+            environment=_environment(headers),
+            metadata=_metadata(headers),
+        ),
+        published_at=_timestamp(headers, PUBLISHED_AT),
+    )
+
+
+def _parent_from(headers: Mapping[str, Any]) -> Optional[TraceParent]:
+    # Our own ids first: they name an observation Langfuse received. A traceparent
+    # rewritten by another instrumentation may point at a span Langfuse never sees.
+    trace_id = _matching(headers, TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
+    parent_id = _matching(headers, PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
+    if trace_id and parent_id:
+        return TraceParent(trace_id, parent_id, sampled=True, from_langfuse=True)
+    raw = headers.get(TRACEPARENT)
+    if raw is None:
+        return None
+    match = _TRACEPARENT_RE.fullmatch(raw.strip().lower()) if isinstance(raw, str) else None
+    if (
+        match is None
+        or match.group(1) == "ff"
+        or match.group(2) == _ZERO_TRACE_ID
+        or match.group(3) == _ZERO_SPAN_ID
+    ):
+        log.debug("ignoring malformed %s header: %.100r", TRACEPARENT, raw)
+        return None
+    sampled = bool(int(match.group(4), 16) & 0x01)
+    return TraceParent(match.group(2), match.group(3), sampled=sampled)
+
+
+def _matching(headers: Mapping[str, Any], name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        value = raw.strip().lower()
+        if pattern.fullmatch(value) and value != zero:
+            return value
+    log.debug("ignoring malformed %s header: %.100r", name, raw)
+    return None
+
+
+def _short_string(headers: Mapping[str, Any], name: str) -> Optional[str]:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, str) and 0 < len(raw) <= _MAX_ATTRIBUTE_CHARS and raw.isascii():
+        return raw
+    log.debug("ignoring malformed %s header: %.100r", name, raw)
+    return None
+
+
+def _environment(headers: Mapping[str, Any]) -> Optional[str]:
+    raw = headers.get(ENVIRONMENT)
+    if raw is None:
+        return None
+    if isinstance(raw, str) and _ENVIRONMENT_RE.fullmatch(raw):
+        return raw
+    log.debug("ignoring malformed %s header: %.100r", ENVIRONMENT, raw)
+    return None
+
+
+def _json_header(headers: Mapping[str, Any], name: str) -> Any:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
+        try:
+            return json.loads(raw)
+        except ValueError:
+            pass
+    log.debug("ignoring malformed %s header: %.100r", name, raw)
+    return None
+
+
+def _tags(headers: Mapping[str, Any]) -> tuple[str, ...]:
+    value = _json_header(headers, TAGS)
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        tag
+        for tag in value[:_MAX_TAGS]
+        if isinstance(tag, str) and 0 < len(tag) <= _MAX_ATTRIBUTE_CHARS
+    )
+
+
+def _metadata(headers: Mapping[str, Any]) -> dict[str, str]:
+    value = _json_header(headers, METADATA)
+    if not isinstance(value, dict):
+        return {}
+    return {
+        key: item
+        for key, item in list(value.items())[:_MAX_METADATA_KEYS]
+        if isinstance(key, str)
+        and key.isascii()
+        and isinstance(item, str)
+        and len(item) <= _MAX_ATTRIBUTE_CHARS
+    }
+
+
+def _timestamp(headers: Mapping[str, Any], name: str) -> Optional[float]:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        log.debug("ignoring malformed %s header: %.100r", name, raw)
+        return None
+    return value if math.isfinite(value) and value > 0 else None
