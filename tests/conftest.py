@@ -1,0 +1,138 @@
+"""Shared fixtures: real Redis, real Celery workers, the capture harness.
+
+Every service a test needs must answer; a missing one is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from redis import Redis
+
+from celery_langfuse.testing import CaptureServer
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_URL = os.environ.get("CELERY_LANGFUSE_TEST_REDIS", "redis://127.0.0.1:6379/1")
+
+
+def require_redis(url: str = REDIS_URL) -> None:
+    try:
+        Redis.from_url(url, socket_connect_timeout=2).ping()
+    except Exception as exc:  # a missing service fails the test, it never skips it
+        pytest.fail(f"Redis must answer at {url} for this test: {exc}")
+
+
+@pytest.fixture
+def capture(langfuse_capture: CaptureServer) -> Iterator[CaptureServer]:
+    """The session's capture server, emptied for this test."""
+    langfuse_capture.clear()
+    yield langfuse_capture
+
+
+@pytest.fixture
+def tasks_app() -> Iterator[Any]:
+    """tests/support/tasks.py's app on real Redis, with its queue purged."""
+    require_redis()
+    from tests.support import tasks
+
+    tasks.app.control.purge()
+    yield tasks
+
+
+@contextmanager
+def in_thread_worker(app: Any, pool: str = "solo", concurrency: int = 1) -> Iterator[Any]:
+    with start_worker(
+        app,
+        pool=pool,
+        concurrency=concurrency,
+        perform_ping_check=False,
+        shutdown_timeout=10,
+        loglevel="WARNING",
+    ) as worker:
+        yield worker
+
+
+def flush_in_process() -> None:
+    from celery_langfuse import client
+
+    client.flush(5)
+
+
+class WorkerProcess:
+    """A real ``celery worker`` subprocess (prefork by default)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.process = process
+        self.log_path = log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> float:
+        """SIGTERM (warm shutdown), then SIGKILL after ``timeout``; returns seconds taken."""
+        started = time.monotonic()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        return time.monotonic() - started
+
+
+@contextmanager
+def worker_process(
+    capture_env: dict[str, str],
+    *extra_args: str,
+    queue: Optional[str] = None,
+    env: Optional[dict[str, str]] = None,
+    tmp_path: Path,
+    module: str = "tests.support.tasks",
+    ready_timeout: float = 30.0,
+) -> Iterator[WorkerProcess]:
+    queue = queue or f"q-{uuid.uuid4().hex[:8]}"
+    log_path = tmp_path / f"worker-{queue}.log"
+    full_env = {
+        **os.environ,
+        **capture_env,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "CELERY_LANGFUSE_TEST_QUEUE": queue,
+        "CELERY_LANGFUSE_TEST_BROKER": REDIS_URL,
+        **(env or {}),
+    }
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", module, "worker",
+                "-Q", queue, "-l", "INFO", "-n", f"{queue}@%h",
+                "--without-mingle", "--without-gossip", "--without-heartbeat",
+                *extra_args,
+            ],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    worker = WorkerProcess(process, log_path)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while "ready." not in worker.log():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"worker did not start:\n{worker.log()}")
+            time.sleep(0.1)
+        worker.queue = queue  # type: ignore[attr-defined]
+        yield worker
+    finally:
+        worker.stop()
