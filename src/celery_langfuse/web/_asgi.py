@@ -9,6 +9,7 @@ dict the middleware passed in. Mounted sub-applications add their prefix to
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, MutableMapping
 from typing import Any, Callable
 
@@ -20,6 +21,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger(__name__)
+_warned_about_framework_spans = False
 
 
 class LangfuseASGIMiddleware:
@@ -41,6 +45,7 @@ class LangfuseASGIMiddleware:
         if scope.get("type") != "http" or self.config.excludes(str(scope.get("path", ""))):
             await self.app(scope, receive, send)
             return
+        _warn_about_framework_spans(scope)
         trace = RequestTrace.begin(IncomingRequest.from_asgi(scope), self.config)
         if trace is None:
             await self.app(scope, receive, send)
@@ -79,3 +84,24 @@ def route_template(scope: Scope, server_root_path: str = "") -> str | None:
     if root_path.startswith(server_root_path):
         mount_prefix = root_path[len(server_root_path) :]
     return (mount_prefix.rstrip("/") + template) or "/"
+
+
+def _warn_about_framework_spans(scope: Scope) -> None:
+    """Warn once when FastAPI's built-in OpenTelemetry tracing is on.
+
+    FastAPI then makes its own spans (``fastapi.endpoint``, ...) current around the
+    handler. Langfuse's default export filter drops them, so an observation started in
+    the handler (a task's publish, an LLM call) points at a parent Langfuse never
+    receives. FastAPI marks a traced request with ``scope["fastapi.telemetry"]``.
+    """
+    global _warned_about_framework_spans
+    if _warned_about_framework_spans:
+        return
+    if getattr(scope.get("fastapi.telemetry"), "span", None) is not None:
+        _warned_about_framework_spans = True
+        log.warning(
+            "celery-langfuse: FastAPI's built-in OpenTelemetry tracing is on; Langfuse does "
+            "not export its spans, so tasks and observations started in a handler would "
+            "point at parents missing from Langfuse. Create the app with "
+            "FastAPI(telemetry={'tracing': False}) (see docs/web.md)."
+        )

@@ -10,7 +10,8 @@ the handler does (tasks it enqueues, LLM calls, outgoing HTTP calls) nests insid
   exception that escaped the app;
 - trace attributes (user id, session id, ...) from the user's ``identify`` callable,
   applied with ``langfuse.propagate_attributes`` so enqueued tasks carry them too;
-- an incoming ``traceparent`` / ``x-langfuse-*`` context is continued, not restarted.
+- an incoming ``traceparent`` / ``x-langfuse-*`` context is continued, not restarted;
+  without one the request starts a new trace.
 
 Tracing faults are logged (rate-limited) and never reach the request.
 """
@@ -24,10 +25,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 from opentelemetry import context as otel_context
+from opentelemetry.trace import INVALID_SPAN, set_span_in_context
 
 from .. import client
 from ..config import ConfigurationError
-from ..headers import TraceAttributes
+from ..headers import TraceAttributes, TraceParent
 from ..logs import warn_rate_limited
 from ._propagation import extract_context
 from ._request import IncomingRequest
@@ -111,11 +113,18 @@ class RequestTrace:
         scope = ExitStack()
         try:
             attributes = TraceAttributes()
+            parent: TraceParent | None = None
             if config.trust_incoming_headers:
                 extracted = extract_context(request.headers)
-                if extracted.parent is not None:
-                    scope.enter_context(_attached(extracted.parent.context()))
-                attributes = extracted.attributes
+                parent, attributes = extracted.parent, extracted.attributes
+            # The request is where the trace enters this service: its parent is the
+            # caller named in the headers, or none. A span the server or framework made
+            # current (FastAPI's own telemetry, an ASGI instrumentation) is not what
+            # Langfuse receives, and would leave the request pointing at a parent
+            # Langfuse never sees. Other context values stay as they are.
+            base = otel_context.get_current()
+            entry = parent.context(base) if parent else set_span_in_context(INVALID_SPAN, base)
+            scope.enter_context(_attached(entry))
             attributes = _overlay(attributes, _identify(config, request))
             scope.enter_context(client.propagated(attributes))
             observation = scope.enter_context(

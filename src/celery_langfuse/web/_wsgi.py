@@ -60,12 +60,17 @@ class LangfuseWSGIMiddleware:
 
 
 class _TracedBody:
-    """The app's response body; ends the request's observation when closed."""
+    """The app's response body; ends the request's observation once it is sent.
+
+    Servers call ``close()`` after sending (PEP 3333); a body read to its end counts
+    as sent too, for clients that never close (werkzeug's test client).
+    """
 
     def __init__(self, body: Iterable[bytes], trace: RequestTrace, environ: dict[str, Any]) -> None:
         self._body = body
         self._trace = trace
         self._environ = environ
+        self._finished = False
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -73,6 +78,8 @@ class _TracedBody:
         except BaseException as exc:
             self._trace.record_exception(exc)
             raise
+        finally:
+            self._finish()
 
     def close(self) -> None:
         try:
@@ -80,6 +87,11 @@ class _TracedBody:
             if close is not None:
                 close()
         finally:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
             _finish(self._trace, self._environ)
 
 
