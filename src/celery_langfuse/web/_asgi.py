@@ -10,16 +10,18 @@ dict the middleware passed in. Mounted sub-applications add their prefix to
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, MutableMapping
+from collections.abc import Awaitable
 from typing import Any, Callable
 
 from ._core import RequestTrace, WebTracingConfig
 from ._request import IncomingRequest
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+# As permissive as Starlette's own middleware protocol, so `app.add_middleware(...)`
+# type-checks in users' code.
+Scope = Any
+Message = Any
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,7 @@ class LangfuseASGIMiddleware:
     fields of :class:`WebTracingConfig`.
     """
 
-    def __init__(self, app: ASGIApp, **options: Any) -> None:
+    def __init__(self, app: ASGIApp, /, **options: Any) -> None:
         self.app = app
         self.config = WebTracingConfig(**options)
 

@@ -30,7 +30,7 @@ class LangfuseWSGIMiddleware:
     Keyword arguments are the fields of :class:`WebTracingConfig`.
     """
 
-    def __init__(self, app: WSGIApp, **options: Any) -> None:
+    def __init__(self, app: WSGIApp, /, **options: Any) -> None:
         self.app = app
         self.config = WebTracingConfig(**options)
 
