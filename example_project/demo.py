@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -494,12 +495,17 @@ class Progress:
             f"  summaries done {self.counts['done']}/{len(DOCUMENTS)}"
             + (f"  observations {observations}" if observations is not None else "")
         )
-        self.out.write("\r" + line[:150].ljust(150))
+        self.out.write("\r" + line[: self._width()].ljust(self._width()))
         self.out.flush()
 
     def _clear(self) -> None:
         if self.live:
-            self.out.write("\r" + " " * 150 + "\r")
+            self.out.write("\r" + " " * self._width() + "\r")
+
+    @staticmethod
+    def _width() -> int:
+        # One column short of the terminal, so the line never wraps and \r redraws it.
+        return max(shutil.get_terminal_size().columns - 1, 20)
 
 
 if __name__ == "__main__":
