@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 import langfuse
 from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import Status, StatusCode
 
-from .headers import TraceAttributes
+from .headers import TraceAttributes, with_app_root_claim
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +100,30 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
 _PROPAGATED_KEY = "langfuse.propagated.{}"
 
 
-def current_trace_attributes() -> TraceAttributes:
-    """The trace attributes set with ``propagate_attributes`` in the current context."""
-    ctx = otel_context.get_current()
+_USER_ID, _SESSION_ID, _TAGS, _TRACE_NAME, _TRACE_ENVIRONMENT, _TRACE_METADATA = (
+    _PROPAGATED_KEY.format(name)
+    for name in ("user_id", "session_id", "tags", "trace_name", "environment", "metadata")
+)
+_NO_TRACE_ATTRIBUTES = TraceAttributes()
 
-    def value(name: str) -> Any:
-        return otel_context.get_value(_PROPAGATED_KEY.format(name), ctx)
 
-    tags = value("tags")
-    metadata = value("metadata")
+def current_trace_attributes(ctx: Optional[otel_context.Context] = None) -> TraceAttributes:
+    """The trace attributes set with ``propagate_attributes`` in ``ctx`` (default: the
+    current context)."""
+    if ctx is None:
+        ctx = otel_context.get_current()
+    user_id, session_id, tags, trace_name, environment, metadata = (
+        ctx.get(key)
+        for key in (_USER_ID, _SESSION_ID, _TAGS, _TRACE_NAME, _TRACE_ENVIRONMENT, _TRACE_METADATA)
+    )
+    if not (user_id or session_id or tags or trace_name or environment or metadata):
+        return _NO_TRACE_ATTRIBUTES  # the usual case: nothing propagated
     return TraceAttributes(
-        user_id=_str_or_none(value("user_id")),
-        session_id=_str_or_none(value("session_id")),
+        user_id=_str_or_none(user_id),
+        session_id=_str_or_none(session_id),
         tags=tuple(tags) if isinstance(tags, (list, tuple)) else (),
-        trace_name=_str_or_none(value("trace_name")),
-        environment=_str_or_none(value("environment")),
+        trace_name=_str_or_none(trace_name),
+        environment=_str_or_none(environment),
         # Values stay JSON-encoded, as the SDK keeps them; see `propagated`.
         metadata=dict(metadata) if isinstance(metadata, dict) else {},
     )
@@ -146,3 +157,163 @@ def _json_or_raw(value: str) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+# -- observations on the hot path -------------------------------------------------
+#
+# The SDK's `start_observation` wraps each span in a `LangfuseSpan` that runs media
+# detection and masking over input, output and metadata, JSON-encodes every metadata
+# key on its own and looks the observation type up several times. Measured on a no-op
+# task, that wrapper was a third of everything tracing added to a worker
+# (docs/benchmarks.md). The handlers' payloads are already small JSON-safe copies
+# (payload.capture), so they create their observations here instead: on the SDK's own
+# tracer, so the SDK's span processor still copies propagated attributes, marks app
+# roots and applies its export filter, and with the attributes the SDK would write.
+# Not done here: media upload (captured payloads are cut to a budget, so an embedded
+# file would arrive truncated anyway). The client's `mask`, if set, is applied.
+
+_TYPE = "langfuse.observation.type"
+_INPUT = "langfuse.observation.input"
+_OUTPUT = "langfuse.observation.output"
+_METADATA = "langfuse.observation.metadata"
+_LEVEL = "langfuse.observation.level"
+_STATUS_MESSAGE = "langfuse.observation.status_message"
+_ENVIRONMENT = "langfuse.environment"
+_RELEASE = "langfuse.release"
+
+
+class Observation:
+    """A Langfuse span observation on the hot path; see :func:`start_observation`."""
+
+    __slots__ = ("_mask", "span")
+
+    def __init__(self, span: otel_trace.Span, mask: Any) -> None:
+        self.span = span
+        self._mask = mask
+
+    @property
+    def trace_id(self) -> str:
+        return format(self.span.get_span_context().trace_id, "032x")
+
+    @property
+    def id(self) -> str:
+        return format(self.span.get_span_context().span_id, "016x")
+
+    def update(
+        self,
+        *,
+        input: Any = None,
+        output: Any = None,
+        metadata: Optional[dict[str, Any]] = None,
+        level: Optional[str] = None,
+        status_message: Optional[str] = None,
+    ) -> None:
+        """Set what is given; None leaves a field as it is (as the SDK's ``update``)."""
+        span = self.span
+        if not span.is_recording():
+            return
+        attributes: dict[str, Any] = {}
+        if input is not None:
+            attributes[_INPUT] = self._json(input)
+        if output is not None:
+            attributes[_OUTPUT] = self._json(output)
+        if metadata:
+            # One key each, so a later update adds to the metadata set at the start.
+            for key, value in self._masked(metadata).items():
+                if value is not None:
+                    attributes[f"{_METADATA}.{key}"] = _dumps(value)
+        if level is not None:
+            attributes[_LEVEL] = level
+        if status_message is not None:
+            attributes[_STATUS_MESSAGE] = status_message
+        if attributes:
+            span.set_attributes(attributes)
+        if level == "ERROR":
+            span.set_status(Status(StatusCode.ERROR, description=status_message))
+
+    def end(self) -> None:
+        self.span.end()
+
+    def _masked(self, value: Any) -> Any:
+        if self._mask is None:
+            return value
+        try:
+            return self._mask(data=value)
+        except Exception:
+            log.debug("celery-langfuse: the Langfuse mask function failed", exc_info=True)
+            return "<fully masked due to failed mask function>"
+
+    def _json(self, value: Any) -> str:
+        value = self._masked(value)
+        return value if isinstance(value, str) else _dumps(value)
+
+
+def start_observation(
+    name: str,
+    *,
+    context: Optional[otel_context.Context] = None,
+    input: Any = None,
+    metadata: Optional[dict[str, Any]] = None,
+    level: Optional[str] = None,
+    status_message: Optional[str] = None,
+) -> Observation:
+    """Start a Langfuse span observation as a child of ``context`` (default: current).
+
+    The lean equivalent of ``get_langfuse().start_observation(as_type="span", ...)``
+    for the signal handlers: see the comment above. Not made current; use
+    :func:`context_with` for that.
+    """
+    client = get_langfuse()
+    tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer, its scope and processor
+    span = tracer.start_span(name, context=context, attributes=_static_attributes(client))
+    observation = Observation(span, getattr(client, "_mask", None))
+    if span.is_recording():
+        attributes: dict[str, Any] = {}
+        if input is not None:
+            attributes[_INPUT] = observation._json(input)
+        if metadata:
+            # The whole object in one attribute: Langfuse reads it as the metadata and
+            # overlays any `langfuse.observation.metadata.<key>` set later.
+            attributes[_METADATA] = _dumps(observation._masked(metadata))
+        if attributes:
+            span.set_attributes(attributes)
+        if level is not None or status_message is not None:
+            observation.update(level=level, status_message=status_message)
+    return observation
+
+
+def context_with(
+    observation: Observation, context: Optional[otel_context.Context] = None
+) -> otel_context.Context:
+    """``context`` with ``observation`` as its current span, as the SDK's
+    ``start_as_current_observation`` makes it: including its claim to the trace's app
+    root, which the W3C baggage header carries to other services."""
+    ctx = otel_trace.set_span_in_context(observation.span, context)
+    if observation.span.is_recording():
+        ctx = with_app_root_claim(ctx, observation.trace_id)
+    return ctx
+
+
+_static: Optional[tuple[Any, dict[str, str]]] = None
+
+
+def _static_attributes(client: Any) -> dict[str, str]:
+    """The attributes every observation of this client starts with (type, environment,
+    release), computed once per client."""
+    global _static
+    cached = _static
+    if cached is None or cached[0] is not client:
+        attributes = {_TYPE: "span"}
+        environment = getattr(client, "_environment", None)
+        release = getattr(client, "_release", None)
+        if environment:
+            attributes[_ENVIRONMENT] = environment
+        if release:
+            attributes[_RELEASE] = release
+        cached = _static = (client, attributes)
+    return cached[1]
+
+
+def _dumps(value: Any) -> str:
+    # Payloads come from payload.capture (JSON types only); `default=str` guards the rest.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)

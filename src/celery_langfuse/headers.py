@@ -117,8 +117,17 @@ class TraceParent:
         )
         ctx = otel_trace.set_span_in_context(NonRecordingSpan(span_context), base)
         if self.from_langfuse:
-            ctx = baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, self.trace_id, context=ctx)
+            ctx = with_app_root_claim(ctx, self.trace_id)
         return ctx
+
+
+def with_app_root_claim(ctx: otel_context.Context, trace_id: str) -> otel_context.Context:
+    """``ctx`` with the baggage entry that tells Langfuse's span processor (here, and in
+    any service the baggage header reaches) that trace ``trace_id`` already has its
+    app root, as the SDK's ``start_as_current_observation`` sets it."""
+    if baggage.get_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, ctx) == trace_id:
+        return ctx
+    return baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, trace_id, context=ctx)
 
 
 @dataclass(frozen=True)

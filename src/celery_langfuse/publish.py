@@ -13,6 +13,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any, Optional
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers
@@ -45,28 +46,28 @@ def _inject_trace(
     exchange: Optional[str],
     routing_key: Optional[str],
 ) -> None:
-    attributes = client.current_trace_attributes()
-    current = otel_trace.get_current_span().get_span_context()
+    ctx = otel_context.get_current()
+    attributes = client.current_trace_attributes(ctx)
+    current = otel_trace.get_current_span(ctx).get_span_context()
     if not current.is_valid:
-        headers.inject(
-            message_headers, parent=None, attributes=attributes
-        )
+        headers.inject(message_headers, parent=None, attributes=attributes)
         return
 
     metadata: dict[str, Any] = {"task_id": message_headers.get("id"), "queue": routing_key}
     if exchange:
         metadata["exchange"] = exchange
-    for key in ("eta", "expires", "retries", "group", "parent_id", "root_id"):
+    for key in _OPTIONAL_METADATA:
         value = message_headers.get(key)
         if value not in (None, 0, ""):
             metadata[key] = value
 
-    span = client.get_langfuse().start_observation(
-        name=f"publish {task_name}", as_type="span", metadata=metadata
-    )
+    span = client.start_observation(f"publish {task_name}", context=ctx, metadata=metadata)
     span.end()
     headers.inject(
         message_headers,
         parent=headers.TraceParent(span.trace_id, span.id, sampled=current.trace_flags.sampled),
         attributes=attributes,
     )
+
+
+_OPTIONAL_METADATA = ("eta", "expires", "retries", "group", "parent_id", "root_id")

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 class Run:
     """One task execution being traced in this process."""
 
-    observation: Any  # a LangfuseSpan
-    scope: ExitStack
+    observation: client.Observation
+    scope: ExitStack  # detaches the run's context and ends the observation
     traceback: Optional[str] = None
 
 
@@ -108,10 +108,16 @@ class RequestHeaders(Mapping[str, Any]):
         custom = getattr(request, "headers", None)
         self._headers: Mapping[str, Any] = custom if isinstance(custom, Mapping) else {}
 
-    def __getitem__(self, name: str) -> Any:
+    def get(self, name: str, default: Any = None) -> Any:
+        # Overrides Mapping.get, which goes through KeyError: most trace headers are
+        # absent from most messages, and this runs for each of them on every task.
         value = self._headers.get(name)
         if value is None:
             value = getattr(self._request, name, None)
+        return default if value is None else value
+
+    def __getitem__(self, name: str) -> Any:
+        value = self.get(name)
         if value is None:
             raise KeyError(name)
         return value
@@ -244,19 +250,19 @@ class WorkerTracing:
         try:
             attributes = extracted.attributes
             if extracted.parent is not None:
-                scope.enter_context(_attached(extracted.parent.context()))
+                _attach(scope, extracted.parent.context())
             elif not otel_trace.get_current_span().get_span_context().is_valid:
                 # A new trace: name it after the task unless the producer named it.
                 attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
-            scope.enter_context(client.propagated(attributes))
-            observation = scope.enter_context(
-                client.get_langfuse().start_as_current_observation(
-                    name=task.name,
-                    as_type="span",
-                    input=self._capture_input(args, kwargs),
-                    metadata=_run_metadata(task_id, request, extracted.published_at),
-                )
+            if attributes:
+                scope.enter_context(client.propagated(attributes))
+            observation = client.start_observation(
+                task.name,
+                input=self._capture_input(args, kwargs),
+                metadata=_run_metadata(task_id, request, extracted.published_at),
             )
+            scope.callback(observation.end)
+            _attach(scope, client.context_with(observation))
         except BaseException:
             scope.close()
             raise
@@ -288,11 +294,10 @@ class WorkerTracing:
             extracted = headers.extract(message_headers)
             with ExitStack() as scope:
                 if extracted.parent is not None:
-                    scope.enter_context(_attached(extracted.parent.context()))
+                    _attach(scope, extracted.parent.context())
                 scope.enter_context(client.propagated(extracted.attributes))
-                observation = client.get_langfuse().start_observation(
-                    name=task_name,
-                    as_type="span",
+                observation = client.start_observation(
+                    task_name,
                     level=level,
                     status_message=status,
                     metadata={"task_id": task_id, "hostname": _HOSTNAME},
@@ -305,13 +310,9 @@ class WorkerTracing:
 _HOSTNAME = socket.gethostname()
 
 
-@contextmanager
-def _attached(ctx: otel_context.Context) -> Iterator[None]:
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+def _attach(scope: ExitStack, ctx: otel_context.Context) -> None:
+    """Make ``ctx`` current until ``scope`` closes."""
+    scope.callback(otel_context.detach, otel_context.attach(ctx))
 
 
 def _run_metadata(task_id: str, request: Any, published_at: Optional[float]) -> dict[str, Any]:
