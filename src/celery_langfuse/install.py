@@ -17,6 +17,7 @@ from typing import Any, Callable
 from celery import Celery, signals
 
 from . import client
+from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
@@ -31,6 +32,7 @@ class Installation:
     app: Celery
     config: TracingConfig
     worker: WorkerTracing
+    beat: BeatTracing
     _connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
     def connect(self) -> None:
@@ -46,6 +48,8 @@ class Installation:
             (signals.task_rejected, worker.on_task_rejected),
             (signals.worker_process_shutdown, self.flush),
             (signals.worker_shutdown, self.flush),
+            (signals.beat_init, self.beat.on_beat_init),
+            (signals.beat_embedded_init, self.beat.on_beat_init),
         ):
             signal.connect(handler, weak=False)
             self._connections.append((signal, handler))
@@ -54,6 +58,7 @@ class Installation:
         for signal, handler in self._connections:
             signal.disconnect(handler)
         self._connections.clear()
+        self.beat.unwrap()
 
     def flush(self, **_: Any) -> None:
         """Send buffered observations, bounded by ``flush_timeout``."""
@@ -84,7 +89,9 @@ def install(app: Celery, **options: Any) -> Installation:
         if existing is not None:
             return existing
         config = TracingConfig.from_options(options)
-        installation = Installation(app=app, config=config, worker=WorkerTracing(config))
+        installation = Installation(
+            app=app, config=config, worker=WorkerTracing(config), beat=BeatTracing(app, config)
+        )
         installation.connect()
         _installations[id(app)] = installation
         client.exit_flush_timeout = max(i.config.flush_timeout for i in _installations.values())

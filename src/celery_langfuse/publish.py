@@ -46,11 +46,10 @@ def _inject_trace(
     routing_key: Optional[str],
 ) -> None:
     attributes = client.current_trace_attributes()
+    cron = client.current_cron_run()
     current = otel_trace.get_current_span().get_span_context()
     if not current.is_valid:
-        headers.inject(
-            message_headers, parent=None, attributes=attributes
-        )
+        headers.inject(message_headers, parent=None, attributes=attributes, cron=cron)
         return
 
     metadata: dict[str, Any] = {"task_id": message_headers.get("id"), "queue": routing_key}
@@ -69,4 +68,5 @@ def _inject_trace(
         message_headers,
         parent=headers.TraceParent(span.trace_id, span.id, sampled=current.trace_flags.sampled),
         attributes=attributes,
+        cron=cron,
     )

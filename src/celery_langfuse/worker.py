@@ -6,6 +6,10 @@ session, tags, trace name, environment, metadata) and opens the run observation 
 current span, so everything the task does (nested tasks, LLM calls) nests inside it.
 ``task_postrun`` records the outcome and closes it.
 
+A run that celery beat started (the message names its schedule entry) also records
+the cron health scores on its trace when it ends: ``cron_success`` and
+``cron_lateness_seconds`` (see ``client.score_cron_run``).
+
 Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; nothing
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
 recorded as a short observation in the consumer process, so their trace shows why.
@@ -42,6 +46,31 @@ class Run:
     observation: Any  # a LangfuseSpan
     scope: ExitStack
     traceback: Optional[str] = None
+    cron: Optional[CronHealth] = None
+
+
+@dataclass(frozen=True)
+class CronHealth:
+    """What a run started by celery beat reports when it ends."""
+
+    entry: str
+    task_id: str
+    #: Seconds from when the run was due to when this attempt started; only the
+    #: first attempt reports it, retries would count their own delay as lateness.
+    lateness_seconds: Optional[float]
+    environment: Optional[str]
+
+    def score(
+        self, trace_id: str, *, success: Optional[bool], comment: Optional[str] = None
+    ) -> None:
+        client.score_cron_run(
+            trace_id,
+            success=success,
+            lateness_seconds=self.lateness_seconds,
+            comment=comment,
+            metadata={"cron_entry": self.entry, "task_id": self.task_id},
+            environment=self.environment,
+        )
 
 
 class RunRegistry:
@@ -164,6 +193,12 @@ class WorkerTracing:
             return
         try:
             _record_outcome(run, state, retval, self.config)
+            if run.cron is not None:
+                run.cron.score(
+                    run.observation.trace_id,
+                    success=_CRON_SUCCESS_BY_STATE.get(state or ""),
+                    comment=None if state == states.SUCCESS else _describe(retval),
+                )
         except Exception:
             warn_rate_limited(log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id)
         finally:
@@ -176,9 +211,10 @@ class WorkerTracing:
         if run is None:
             return
         try:
-            run.observation.update(
-                level="ERROR", status_message=f"internal error: {_describe(exception)}"
-            )
+            status = f"internal error: {_describe(exception)}"
+            run.observation.update(level="ERROR", status_message=status)
+            if run.cron is not None:
+                run.cron.score(run.observation.trace_id, success=False, comment=status)
         finally:
             _close(run)
 
@@ -235,6 +271,7 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         extracted = headers.extract(RequestHeaders(request))
+        cron = _cron_health(extracted, task_id, request)
         scope = ExitStack()
         try:
             attributes = extracted.attributes
@@ -249,13 +286,13 @@ class WorkerTracing:
                     name=task.name,
                     as_type="span",
                     input=self._capture_input(args, kwargs),
-                    metadata=_run_metadata(task_id, request, extracted.published_at),
+                    metadata=_run_metadata(task_id, request, extracted.published_at, cron),
                 )
             )
         except BaseException:
             scope.close()
             raise
-        for stale in self.runs.push(task_id, Run(observation, scope)):
+        for stale in self.runs.push(task_id, Run(observation, scope, cron=cron)):
             warn_rate_limited(
                 log, "evicted", "celery-langfuse: more than %d runs open; closing the oldest",
                 self.config.max_open_runs,
@@ -293,6 +330,14 @@ class WorkerTracing:
                     metadata={"task_id": task_id, "hostname": _HOSTNAME},
                 )
                 observation.end()
+            if extracted.cron is not None:
+                client.score_cron_run(
+                    observation.trace_id,
+                    success=False,
+                    comment=status,
+                    metadata={"cron_entry": extracted.cron.entry, "task_id": task_id},
+                    environment=extracted.attributes.environment,
+                )
         except Exception:
             warn_rate_limited(log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id)
 
@@ -309,7 +354,24 @@ def _attached(ctx: otel_context.Context) -> Iterator[None]:
         otel_context.detach(token)
 
 
-def _run_metadata(task_id: str, request: Any, published_at: Optional[float]) -> dict[str, Any]:
+def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> Optional[CronHealth]:
+    cron = extracted.cron
+    if cron is None:
+        return None
+    lateness = None
+    if cron.due_at is not None and not getattr(request, "retries", 0):
+        lateness = max(time.time() - cron.due_at, 0.0)
+    return CronHealth(cron.entry, task_id, lateness, extracted.attributes.environment)
+
+
+#: The cron_success score of a run's final state; a retry is not final, and a task
+#: that ignored itself (or was replaced) reports nothing.
+_CRON_SUCCESS_BY_STATE = {states.SUCCESS: True, states.FAILURE: False, states.REJECTED: False}
+
+
+def _run_metadata(
+    task_id: str, request: Any, published_at: Optional[float], cron: Optional[CronHealth]
+) -> dict[str, Any]:
     delivery_info = getattr(request, "delivery_info", None) or {}
     metadata: dict[str, Any] = {
         "task_id": task_id,
@@ -325,6 +387,10 @@ def _run_metadata(task_id: str, request: Any, published_at: Optional[float]) -> 
         metadata["eager"] = True
     if published_at is not None:
         metadata["queue_wait_seconds"] = round(max(time.time() - published_at, 0.0), 6)
+    if cron is not None:
+        metadata["cron_entry"] = cron.entry
+        if cron.lateness_seconds is not None:
+            metadata["cron_lateness_seconds"] = round(cron.lateness_seconds, 3)
     return metadata
 
 
