@@ -1,0 +1,381 @@
+"""The capture harness: what the real Langfuse SDK sends arrives, decodes, and
+rebuilds into the traces Langfuse would show."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import pytest
+from langfuse import get_client, propagate_attributes
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+from celery_langfuse.pytest_plugin import _langfuse_clients
+from celery_langfuse.testing import CaptureServer, Observation, build_traces
+
+OTLP_PATH = "/api/public/otel/v1/traces"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def observation(span_id: str, parent_id: str | None = None, **fields: Any) -> Observation:
+    """An observation of TRACE_ID starting ``int(span_id, 16)`` ms after T0."""
+    start = T0 + timedelta(milliseconds=int(span_id, 16))
+    fields.setdefault("name", f"span-{span_id}")
+    return Observation(
+        id=span_id,
+        trace_id=TRACE_ID,
+        parent_id=parent_id,
+        start_time=start,
+        end_time=start + timedelta(milliseconds=5),
+        **fields,
+    )
+
+
+# The rollup, without HTTP
+
+
+def test_trace_level_attributes_set_on_any_observation_reach_the_trace() -> None:
+    root = observation("0000000000000001", name="request")
+    worker = observation(
+        "0000000000000002",
+        "0000000000000001",
+        attributes={
+            "user.id": "u-1",
+            "session.id": "s-1",
+            "langfuse.trace.tags": ["cron", "billing"],
+            "langfuse.trace.name": "nightly-billing",
+            "langfuse.trace.metadata.tenant": '"acme"',
+        },
+    )
+
+    (trace,) = build_traces([root, worker])
+
+    assert (trace.user_id, trace.session_id) == ("u-1", "s-1")
+    assert trace.tags == ["cron", "billing"]
+    assert trace.name == "nightly-billing"
+    assert trace.metadata == {"tenant": "acme"}
+
+
+def test_the_latest_received_non_empty_trace_attribute_wins() -> None:
+    first = observation("0000000000000001", attributes={"user.id": "early", "session.id": "s"})
+    second = observation("0000000000000002", "0000000000000001", attributes={"user.id": "late"})
+    third = observation("0000000000000003", "0000000000000001", attributes={"user.id": ""})
+
+    (trace,) = build_traces([first, second, third])
+
+    assert trace.user_id == "late"
+    assert trace.session_id == "s"
+
+
+def test_trace_input_and_output_come_only_from_the_parentless_root() -> None:
+    root = observation("0000000000000001", input={"q": "hi"}, output="answer")
+    joined = observation(
+        "0000000000000002",
+        "00000000000000ff",
+        input="worker input",
+        output="worker output",
+        attributes={"langfuse.internal.as_root": True},
+    )
+
+    (trace,) = build_traces([root, joined])
+
+    assert (trace.input, trace.output) == ({"q": "hi"}, "answer")
+
+
+def test_a_trace_without_a_root_has_no_input_and_no_fallback_name() -> None:
+    joined = observation("0000000000000002", "00000000000000ff", name="tasks.add", input=[1, 2])
+
+    (trace,) = build_traces([joined])
+
+    assert (trace.name, trace.input) == (None, None)
+    assert trace.orphans() == [joined]
+
+
+def test_without_a_trace_name_the_trace_is_named_after_its_root() -> None:
+    (trace,) = build_traces([observation("0000000000000001", name="POST /orders")])
+
+    assert trace.name == "POST /orders"
+
+
+def test_a_span_received_twice_counts_once_with_the_later_copy() -> None:
+    early = observation("0000000000000001", output="first")
+    late = observation("0000000000000001", output="second")
+
+    (trace,) = build_traces([early, late])
+
+    assert [obs.output for obs in trace.observations] == ["second"]
+
+
+def test_tree_shows_nesting_and_flags_orphans() -> None:
+    root = observation("0000000000000001", name="request", attributes={"user.id": "u-1"})
+    child = observation("0000000000000002", "0000000000000001", name="publish", level="WARNING")
+    orphan = observation(
+        "0000000000000003",
+        "00000000000000ff",
+        name="run",
+        attributes={"langfuse.internal.as_root": True},
+    )
+
+    (trace,) = build_traces([root, child, orphan])
+
+    assert trace.orphans() == [orphan]
+    lines = trace.tree().splitlines()
+    assert "user='u-1'" in lines[0]
+    assert lines[1].startswith("  request [span] 5.0 ms DEFAULT")
+    assert lines[2].startswith("    publish [span] 5.0 ms WARNING")
+    assert "orphan (started with trace_context=): parent 00000000000000ff" in lines[3]
+    assert lines[4].startswith("    run ")
+
+
+def test_find_insists_on_exactly_one_observation() -> None:
+    root = observation("0000000000000001", name="task")
+    retry = observation("0000000000000002", "0000000000000001", name="task")
+
+    (trace,) = build_traces([root, retry])
+
+    assert trace.find_all("task") == [root, retry]
+    with pytest.raises(AssertionError, match="found 2; names present: \\['task'\\]"):
+        trace.find("task")
+    with pytest.raises(AssertionError, match="found 0"):
+        trace.find("missing")
+
+
+# The real SDK, in this process
+
+
+def test_sdk_spans_rebuild_into_one_trace(langfuse_capture_clean: CaptureServer) -> None:
+    langfuse = get_client()
+    with langfuse.start_as_current_observation(name="request", input={"order": 7}) as root:
+        trace_attributes = propagate_attributes(
+            user_id="user-1", session_id="session-1", tags=["web", "test"], trace_name="checkout"
+        )
+        with (
+            trace_attributes,
+            langfuse.start_as_current_observation(name="publish", metadata={"queue": "q1"}),
+        ):
+            langfuse.start_observation(
+                name="llm", as_type="generation", level="ERROR", status_message="boom"
+            ).end()
+        root.update(output={"ok": True})
+    langfuse.flush()
+
+    server = langfuse_capture_clean
+    server.wait_for(lambda s: len(s.trace(root.trace_id).observations) == 3)
+    trace = server.trace(root.trace_id)
+
+    assert trace.name == "checkout"
+    assert (trace.user_id, trace.session_id, trace.tags) == ("user-1", "session-1", ["web", "test"])
+    assert (trace.input, trace.output) == ({"order": 7}, {"ok": True})
+    assert trace.orphans() == []
+    assert [obs.name for obs in trace.root_observations()] == ["request"]
+    publish = trace.find("publish")
+    assert publish.parent_id == root.id
+    assert publish.metadata == {"queue": "q1"}
+    llm = trace.find("llm")
+    assert trace.children(publish) == [llm]
+    assert (llm.type, llm.level, llm.status_message) == ("generation", "ERROR", "boom")
+    assert trace.find("request").level == "DEFAULT"
+    assert llm.scope == "langfuse-sdk"
+    assert llm.duration >= 0
+
+
+def test_sdk_score_arrives_and_attaches_to_its_trace(langfuse_capture_clean: CaptureServer) -> None:
+    langfuse = get_client()
+    with langfuse.start_as_current_observation(name="scored") as span:
+        pass
+    langfuse.create_score(trace_id=span.trace_id, name="accuracy", value=0.9, comment="good")
+    langfuse.flush()
+
+    server = langfuse_capture_clean
+    server.wait_for(lambda s: s.trace(span.trace_id).scores)
+    (score,) = server.trace(span.trace_id).scores
+    assert (score.name, score.value, score.data_type, score.comment) == (
+        "accuracy",
+        0.9,
+        "NUMERIC",
+        "good",
+    )
+    assert server.scores == [score]
+
+
+def test_sdk_auth_check_passes(langfuse_capture_clean: CaptureServer) -> None:
+    assert get_client().auth_check() is True
+
+
+def test_the_sdk_client_registry_is_readable(langfuse_capture_clean: CaptureServer) -> None:
+    get_client()
+
+    assert langfuse_capture_clean.base_url in [client.base_url for client in _langfuse_clients()]
+
+
+# The wire, with httpx
+
+
+def otlp_request(*, status_code: Any = Status.STATUS_CODE_UNSET) -> bytes:
+    def attribute(key: str, value: str) -> KeyValue:
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    resource_spans.resource.attributes.append(attribute("service.name", "by-hand"))
+    scope_spans = resource_spans.scope_spans.add()
+    scope_spans.scope.name = "manual"
+    span = scope_spans.spans.add()
+    span.trace_id = bytes.fromhex(TRACE_ID)
+    span.span_id = bytes.fromhex("00f067aa0ba902b7")
+    span.name = "by-hand"
+    span.start_time_unix_nano = 1_700_000_000_000_000_000
+    span.end_time_unix_nano = 1_700_000_000_250_000_000
+    span.status.code = status_code
+    span.attributes.append(attribute("langfuse.observation.input", '{"a": [1, 2]}'))
+    body: bytes = request.SerializeToString()
+    return body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "identity"])
+def test_otlp_bodies_decode_with_and_without_gzip(
+    langfuse_capture_clean: CaptureServer, encoding: str
+) -> None:
+    body = otlp_request()
+    if encoding == "gzip":
+        body = gzip.compress(body)
+    server = langfuse_capture_clean
+
+    response = httpx.post(
+        server.base_url + OTLP_PATH,
+        content=body,
+        headers={"Content-Type": "application/x-protobuf", "Content-Encoding": encoding},
+    )
+
+    assert response.status_code == 200
+    ExportTraceServiceResponse().ParseFromString(response.content)
+    (obs,) = server.observations
+    assert (obs.name, obs.trace_id, obs.parent_id, obs.scope) == (
+        "by-hand",
+        TRACE_ID,
+        None,
+        "manual",
+    )
+    assert obs.input == {"a": [1, 2]}
+    assert obs.duration == 0.25
+    assert obs.resource == {"service.name": "by-hand"}
+    assert server.requests == 1
+
+
+def test_an_error_status_without_a_level_reads_as_error(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    body = otlp_request(status_code=Status.STATUS_CODE_ERROR)
+
+    httpx.post(langfuse_capture_clean.base_url + OTLP_PATH, content=body)
+
+    (obs,) = langfuse_capture_clean.observations
+    assert obs.level == "ERROR"
+
+
+def test_set_response_makes_exports_fail_and_store_nothing(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    server = langfuse_capture_clean
+    server.set_response(500)
+
+    traces = httpx.post(server.base_url + OTLP_PATH, content=otlp_request())
+    scores = httpx.post(server.base_url + "/api/public/scores", json=[{"name": "x", "value": 1}])
+
+    assert (traces.status_code, scores.status_code) == (500, 500)
+    assert (server.observations, server.scores, server.requests) == ([], [], 2)
+
+
+def test_set_response_can_rate_limit_slowly(langfuse_capture_clean: CaptureServer) -> None:
+    server = langfuse_capture_clean
+    server.set_response(429, delay=0.2, retry_after=3)
+
+    started = time.monotonic()
+    response = httpx.post(server.base_url + OTLP_PATH, content=otlp_request())
+
+    assert time.monotonic() - started >= 0.2
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "3"
+
+
+def test_unknown_endpoints_answer_404_and_are_reported(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    server = langfuse_capture_clean
+
+    response = httpx.post(server.base_url + "/api/public/ingestion", json={"batch": []})
+
+    assert response.status_code == 404
+    assert server.unhandled == ["POST /api/public/ingestion: no such endpoint"]
+
+
+def test_wait_for_timeout_shows_what_was_captured(langfuse_capture_clean: CaptureServer) -> None:
+    server = langfuse_capture_clean
+    httpx.post(server.base_url + OTLP_PATH, content=otlp_request())
+
+    with pytest.raises(AssertionError) as raised:
+        server.wait_for(lambda s: s.trace("f" * 32), timeout=0.1)
+
+    message = str(raised.value)
+    assert "KeyError" in message
+    assert f"Trace {TRACE_ID}" in message
+    assert "by-hand [span] 250.0 ms DEFAULT" in message
+
+
+def test_undecodable_exports_answer_400_and_are_reported(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    server = langfuse_capture_clean
+
+    spans = httpx.post(server.base_url + OTLP_PATH, content=b"\xff not protobuf")
+    scores = httpx.post(server.base_url + "/api/public/scores", json=[{"value": 1}])
+
+    assert (spans.status_code, scores.status_code) == (400, 400)
+    assert [entry.split(":")[0] for entry in server.unhandled] == [
+        "POST /api/public/otel/v1/traces",
+        "POST /api/public/scores",
+    ]
+
+
+# Other processes
+
+SUBPROCESS_SPAN = """
+from langfuse import get_client
+langfuse = get_client()
+with langfuse.start_as_current_observation(name="from-subprocess") as span:
+    print(span.trace_id)
+langfuse.flush()
+"""
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_spans_from_a_subprocess_are_captured(
+    langfuse_capture_clean: CaptureServer, compression: str
+) -> None:
+    server = langfuse_capture_clean
+    env = {**os.environ, **server.env, "LANGFUSE_OTEL_COMPRESSION": compression}
+
+    done = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_SPAN],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    trace_id = done.stdout.strip()
+    server.wait_for(lambda s: s.trace(trace_id).find("from-subprocess"))
+    assert server.unhandled == []
