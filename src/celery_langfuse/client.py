@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import langfuse
 from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
 from .headers import CronRun, TraceAttributes
 
@@ -50,7 +51,11 @@ def get_langfuse() -> langfuse.Langfuse:
 
 
 def _shutdown_at_exit() -> None:
-    flush(exit_flush_timeout, shutdown=True)
+    if not flush(exit_flush_timeout, shutdown=True):
+        # OpenTelemetry's own exit hook runs next: it shuts the tracer provider down
+        # and waits for the export still retrying against an unreachable Langfuse
+        # (up to the exporter timeout). The deadline has passed; skip that wait.
+        atexit.unregister(otel_trace.get_tracer_provider().shutdown)
 
 
 def flush(timeout: float, *, shutdown: bool = False) -> bool:

@@ -9,6 +9,9 @@ CELERY_LANGFUSE_TEST_BEAT_ENTRIES
     named ``<kind>-<queue>`` so that a test's traces are told apart by name.
 CELERY_LANGFUSE_TEST_BEAT_INTERVAL
     Seconds between runs of every entry (default 1).
+CELERY_LANGFUSE_TEST_BEAT_TRACING
+    ``off`` uninstalls celery-langfuse from the app: the same beat, untraced, for
+    comparisons.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from datetime import timedelta
 from typing import Any
 
 from tests.support.tasks import QUEUE, app
+
+from celery_langfuse import uninstall
 
 #: What each kind of entry runs: a task that succeeds, and one that always fails.
 ENTRY_KINDS: dict[str, dict[str, Any]] = {
@@ -43,3 +48,6 @@ app.conf.update(
     redbeat_key_prefix=f"redbeat-{QUEUE}:",
     redbeat_lock_timeout=10,
 )
+
+if os.environ.get("CELERY_LANGFUSE_TEST_BEAT_TRACING") == "off":
+    uninstall(app)
