@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,14 @@ from tests.conftest import (
     REDIS_URL,
     beat_process,
     flush_in_process,
+    in_thread_worker,
     require_redis,
     worker_process,
 )
 
-from celery_langfuse import Installation, install, uninstall
-from celery_langfuse.testing import CaptureServer, Observation, Trace
+from celery_langfuse import Installation, TraceAttributes, extract, inject, install, uninstall
+from celery_langfuse.headers import CRON_DUE_AT, CRON_ENTRY, CronRun
+from celery_langfuse.testing import CaptureServer, Observation, Score, Trace
 
 ADD = "tests.support.tasks.add"
 FAIL = "tests.support.tasks.fail"
@@ -170,6 +172,75 @@ def test_lateness_counts_from_the_due_time_to_the_worker_start(
     assert score(first, "cron_lateness_seconds") >= WORKER_DELAY
     assert first.find(ADD).metadata["cron_lateness_seconds"] >= WORKER_DELAY
     assert 0 <= score(last, "cron_lateness_seconds") < 1.0
+
+
+# -- the worker side of a cron run, from messages shaped as beat sends them ---------------
+
+
+def beat_headers(entry: str, due_at: float) -> dict[str, str]:
+    message_headers: dict[str, Any] = {}
+    inject(message_headers, parent=None, attributes=TraceAttributes(), cron=CronRun(entry, due_at))
+    return {name: value for name, value in message_headers.items() if "cron" in name}
+
+
+def scores_of(server: CaptureServer, entry: str) -> list[tuple[str, Any]]:
+    """(name, value) of the scores recorded for ``entry``'s runs, sorted."""
+    return sorted((sc.name, sc.value) for sc in entry_scores(server, entry))
+
+
+def entry_scores(server: CaptureServer, entry: str) -> list[Score]:
+    return [sc for sc in server.scores if (sc.metadata or {}).get("cron_entry") == entry]
+
+
+def test_a_retried_cron_run_scores_its_outcome_once_when_it_ends(
+    tasks_app: Any, langfuse_capture_clean: CaptureServer
+) -> None:
+    server, entry = langfuse_capture_clean, f"retried-{uuid.uuid4().hex[:8]}"
+    with in_thread_worker(tasks_app.app):
+        result = tasks_app.flaky.apply_async((1,), headers=beat_headers(entry, time.time() - 5))
+        assert result.get(timeout=10) == 1
+    flush_in_process()
+    server.wait_for(lambda s: len(scores_of(s, entry)) >= 2)
+    (lateness_name, lateness), success = scores_of(server, entry)
+    # Lateness from the first attempt only; success from the attempt that ended the run.
+    assert lateness_name == "cron_lateness_seconds" and 5 <= lateness < 7
+    assert success == ("cron_success", 1)
+
+
+def test_a_cron_run_that_expired_in_the_queue_scores_cron_success_0(
+    tasks_app: Any, langfuse_capture_clean: CaptureServer
+) -> None:
+    server, entry = langfuse_capture_clean, f"expired-{uuid.uuid4().hex[:8]}"
+    tasks_app.add.apply_async(
+        (1, 2), expires=datetime.now(timezone.utc) - timedelta(seconds=1),
+        headers=beat_headers(entry, time.time()),
+    )
+    with in_thread_worker(tasks_app.app):
+        server.wait_for(lambda s: scores_of(s, entry))
+    [(name, value)] = scores_of(server, entry)
+    assert (name, value) == ("cron_success", 0)
+    [success] = entry_scores(server, entry)
+    assert "expired" in (success.comment or "")
+
+
+@pytest.mark.parametrize(
+    ("message_headers", "expected"),
+    [
+        ({CRON_ENTRY: "nightly", CRON_DUE_AT: "1700000000.25"}, CronRun("nightly", 1700000000.25)),
+        ({CRON_ENTRY: "nightly", CRON_DUE_AT: "soon"}, CronRun("nightly", None)),
+        ({CRON_ENTRY: "nightly", CRON_DUE_AT: "nan"}, CronRun("nightly", None)),
+        ({CRON_ENTRY: "nightly", CRON_DUE_AT: "-5"}, CronRun("nightly", None)),
+        ({CRON_ENTRY: "x" * 201, CRON_DUE_AT: "1700000000"}, None),
+        ({CRON_ENTRY: 42}, None),
+        ({CRON_ENTRY: ""}, None),
+        ({CRON_DUE_AT: "1700000000"}, None),
+        ({}, None),
+    ],
+)
+def test_cron_headers_are_validated_and_bad_ones_dropped(
+    message_headers: dict[str, Any], expected: CronRun | None
+) -> None:
+    assert extract(message_headers).cron == expected
 
 
 # -- other schedulers and ways to run beat ----------------------------------------------

@@ -236,9 +236,12 @@ class WorkerTracing:
             status = f"terminated by signal {signum}" if signum else "terminated"
         else:
             status = "revoked"
+        # Celery sends the request's Context: the task name is its ``task`` and the
+        # message headers are read from it as from a running task's request.
+        name = getattr(request, "task", None)
         self._record_unrun(
-            getattr(request, "name", None) or "task",
-            _dict_headers(getattr(request, "request_dict", None)),
+            name if isinstance(name, str) else "task",
+            RequestHeaders(request),
             getattr(request, "id", None),
             "WARNING",
             status,
