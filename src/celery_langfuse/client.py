@@ -55,7 +55,9 @@ def _shutdown_at_exit() -> None:
         # OpenTelemetry's own exit hook runs next: it shuts the tracer provider down
         # and waits for the export still retrying against an unreachable Langfuse
         # (up to the exporter timeout). The deadline has passed; skip that wait.
-        atexit.unregister(otel_trace.get_tracer_provider().shutdown)
+        provider_shutdown = getattr(otel_trace.get_tracer_provider(), "shutdown", None)
+        if provider_shutdown is not None:
+            atexit.unregister(provider_shutdown)
 
 
 def flush(timeout: float, *, shutdown: bool = False) -> bool:

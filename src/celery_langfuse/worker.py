@@ -54,7 +54,7 @@ class CronHealth:
     """What a run started by celery beat reports when it ends."""
 
     entry: str
-    task_id: str
+    task_id: Optional[str]
     #: Seconds from when the run was due to when this attempt started; only the
     #: first attempt reports it, retries would count their own delay as lateness.
     lateness_seconds: Optional[float]
@@ -334,13 +334,10 @@ class WorkerTracing:
                 )
                 observation.end()
             if extracted.cron is not None:
-                client.score_cron_run(
-                    observation.trace_id,
-                    success=False,
-                    comment=status,
-                    metadata={"cron_entry": extracted.cron.entry, "task_id": task_id},
-                    environment=extracted.attributes.environment,
+                cron = CronHealth(
+                    extracted.cron.entry, task_id, None, extracted.attributes.environment
                 )
+                cron.score(observation.trace_id, success=False, comment=status)
         except Exception:
             warn_rate_limited(log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id)
 
