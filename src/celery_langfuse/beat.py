@@ -87,8 +87,6 @@ class BeatTracing:
 
         @functools.wraps(send)
         def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self.is_traced(entry.task):
-                return send(entry, *args, **kwargs)
             with self._cron_run(scheduler, entry):
                 return send(entry, *args, **kwargs)
 
@@ -108,7 +106,8 @@ class BeatTracing:
         scope = ExitStack()
         root = None
         try:
-            root = self._open_root(scope, scheduler, entry)
+            if self.is_traced(entry.task):
+                root = self._open_root(scope, scheduler, entry)
         except Exception:
             scope.close()
             warn_rate_limited(
