@@ -67,15 +67,32 @@ class BeatTracing:
         self.config = config
         self.is_traced = is_traced
         self._schedulers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._sending_each_run: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def on_beat_init(self, sender: Any = None, **_: Any) -> None:
-        """``beat_init`` / ``beat_embedded_init``: ``sender`` is the beat service."""
+        """``beat_init``: ``sender`` is the beat service, standalone or embedded."""
         try:
             scheduler = sender.scheduler
             if scheduler.app is self.app:
                 self.wrap(scheduler)
                 # Built now rather than on the first due entry, which it would delay.
                 client.get_langfuse()
+        except Exception:
+            warn_rate_limited(log, "beat-init", "celery-langfuse: could not trace celery beat")
+
+    def on_beat_embedded_init(self, sender: Any = None, **_: Any) -> None:
+        """``beat_embedded_init`` (``celery worker -B``), sent after ``beat_init``.
+
+        The worker ends its beat child with SIGTERM and the child leaves without exit
+        hooks, so nothing buffered survives it: this beat sends each run's
+        observations as soon as the run is sent. A standalone beat does not, because
+        its exit flush covers it and with Langfuse unreachable the extra export
+        attempts cost it measurable jitter (see benchmarks/beat_jitter.py).
+        """
+        self.on_beat_init(sender)
+        try:
+            if sender.scheduler in self._schedulers:
+                self._sending_each_run.add(sender.scheduler)
         except Exception:
             warn_rate_limited(log, "beat-init", "celery-langfuse: could not trace celery beat")
 
@@ -100,6 +117,7 @@ class BeatTracing:
             if _wrapped(scheduler) is not None:
                 del scheduler.apply_async
         self._schedulers.clear()
+        self._sending_each_run.clear()
 
     @contextmanager
     def _cron_run(self, scheduler: Any, entry: Any) -> Iterator[None]:
@@ -121,7 +139,7 @@ class BeatTracing:
             raise
         finally:
             if root is not None:
-                _close(scope)
+                _close(scope, send_now=scheduler in self._sending_each_run)
 
     def _open_root(self, scope: ExitStack, scheduler: Any, entry: Any) -> Any:
         sent_at = time.time()
@@ -173,11 +191,11 @@ def _record_not_sent(root: Any, entry_name: str, exc: Exception) -> None:
         warn_rate_limited(log, "beat-failed", "celery-langfuse: could not record a failed send")
 
 
-def _close(scope: ExitStack) -> None:
+def _close(scope: ExitStack, *, send_now: bool) -> None:
     try:
         scope.close()
-        # Beat embedded in a worker is killed without an exit hook: send the run now.
-        client.flush_in_background()
+        if send_now:
+            client.flush_in_background()
     except Exception:
         warn_rate_limited(log, "beat-close", "celery-langfuse: could not close a beat run")
 

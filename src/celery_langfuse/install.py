@@ -49,7 +49,7 @@ class Installation:
             (signals.worker_process_shutdown, self.flush),
             (signals.worker_shutdown, self.flush),
             (signals.beat_init, self.beat.on_beat_init),
-            (signals.beat_embedded_init, self.beat.on_beat_init),
+            (signals.beat_embedded_init, self.beat.on_beat_embedded_init),
         ):
             signal.connect(handler, weak=False)
             self._connections.append((signal, handler))
