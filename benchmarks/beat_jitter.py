@@ -146,7 +146,9 @@ def main() -> None:
         finally:
             for beat in beats:
                 beat.stop()
-            Redis.from_url(args.redis).delete(*(beat.queue for beat in beats))
+            redis = Redis.from_url(args.redis)
+            for beat in beats:  # its queue and kombu's bindings for it
+                redis.delete(*redis.scan_iter(f"*{beat.queue}*"))
         roots = sum(1 for obs in server.observations if obs.name.startswith("cron "))
 
         print(f"{args.seconds:g} s, one entry every {args.interval:g} s, "

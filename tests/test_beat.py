@@ -102,14 +102,17 @@ def cron_session(
     tick, boom = entry_name("tick", queue), entry_name("boom", queue)
     tmp_path = tmp_path_factory.mktemp("cron")
     env = {"CELERY_LANGFUSE_TEST_BEAT_ENTRIES": "tick,boom"}
-    with beat_process(server.env, queue=queue, env=env, tmp_path=tmp_path) as beat_proc:
-        _wait_until(lambda: f"Sending due task {tick}" in beat_proc.log(), "beat to send")
-        time.sleep(WORKER_DELAY)
-        with worker_process(server.env, queue=queue, env=env, tmp_path=tmp_path):
-            server.wait_for(
-                lambda s: len(cron_traces(s, tick, ADD)) >= 3 and cron_traces(s, boom, FAIL),
-                timeout=20,
-            )
+    try:
+        with beat_process(server.env, queue=queue, env=env, tmp_path=tmp_path) as beat_proc:
+            _wait_until(lambda: f"Sending due task {tick}" in beat_proc.log(), "beat to send")
+            time.sleep(WORKER_DELAY)
+            with worker_process(server.env, queue=queue, env=env, tmp_path=tmp_path):
+                server.wait_for(
+                    lambda s: len(cron_traces(s, tick, ADD)) >= 3 and cron_traces(s, boom, FAIL),
+                    timeout=20,
+                )
+    finally:
+        _delete_keys(f"*{queue}*")
     return {"tick": cron_traces(server, tick, ADD), "boom": cron_traces(server, boom, FAIL)}
 
 
@@ -259,7 +262,7 @@ def test_redbeat_runs_are_root_traces(
         ), beat_process(server.env, *redbeat, queue=queue, tmp_path=tmp_path):
             server.wait_for(lambda s: len(cron_traces(s, tick, ADD)) >= 2, timeout=20)
     finally:
-        _delete_keys(f"redbeat-{queue}:*")
+        _delete_keys(f"*{queue}*")
     first, second = cron_traces(server, tick, ADD)[:2]
     for trace in (first, second):
         assert_is_cron_trace(trace, tick, ADD)
@@ -277,12 +280,15 @@ def test_beat_embedded_in_a_worker_traces_its_runs_and_sends_them_at_once(
     tick = entry_name("tick", queue)
     # A long export interval: beat embedded in a worker is ended by SIGTERM and leaves
     # without exit hooks, so each run's root must be sent right away, not batched.
-    with worker_process(
-        server.env, "-B", "-s", str(tmp_path / "schedule"), queue=queue,
-        module="tests.support.beat_app", env={"LANGFUSE_FLUSH_INTERVAL": "30"},
-        tmp_path=tmp_path,
-    ):
-        server.wait_for(lambda s: len(roots_of(s, tick)) >= 2, timeout=10)
+    try:
+        with worker_process(
+            server.env, "-B", "-s", str(tmp_path / "schedule"), queue=queue,
+            module="tests.support.beat_app", env={"LANGFUSE_FLUSH_INTERVAL": "30"},
+            tmp_path=tmp_path,
+        ):
+            server.wait_for(lambda s: len(roots_of(s, tick)) >= 2, timeout=10)
+    finally:
+        _delete_keys(f"*{queue}*")
     # The worker's own runs are flushed when its processes shut down.
     server.wait_for(lambda s: len(cron_traces(s, tick, ADD)) >= 2, timeout=10)
     for trace in cron_traces(server, tick, ADD)[:2]:
@@ -319,7 +325,7 @@ def test_unreachable_langfuse_does_not_change_the_schedule_nor_delay_shutdown(
         time.sleep(window)
         sent = {queue: _queued(queue) for queue in (traced_queue, untraced_queue)}
         stop_seconds = traced.stop()
-    _delete_keys(traced_queue, untraced_queue)
+    _delete_keys(f"*{traced_queue}*", f"*{untraced_queue}*")
     assert sent[traced_queue] >= window - 1.5, sent
     assert abs(sent[traced_queue] - sent[untraced_queue]) <= 1, sent
     assert stop_seconds < flush_timeout + 1.5, f"beat took {stop_seconds:.2f} s to stop"
@@ -353,7 +359,7 @@ def installed(langfuse_capture_clean: CaptureServer, tmp_path: Path) -> Iterator
         yield InstalledApp(app, install(app), queue, langfuse_capture_clean)
     finally:
         uninstall(app)
-        _delete_keys(queue)
+        _delete_keys(f"*{queue}*")
 
 
 class SchedulerWithItsOwnSend(beat.Scheduler):
@@ -465,9 +471,10 @@ def _queued(queue: str) -> int:
 
 
 def _delete_keys(*patterns: str) -> None:
+    """Delete a test's queue, kombu bindings and celery-redbeat keys."""
     redis = Redis.from_url(REDIS_URL)
     for pattern in patterns:
-        keys = list(redis.scan_iter(pattern)) if "*" in pattern else [pattern]
+        keys = list(redis.scan_iter(pattern))
         if keys:
             redis.delete(*keys)
 
