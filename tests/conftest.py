@@ -34,10 +34,9 @@ def require_redis(url: str = REDIS_URL) -> None:
 
 
 @pytest.fixture
-def capture(langfuse_capture: CaptureServer) -> Iterator[CaptureServer]:
-    """The session's capture server, emptied for this test."""
-    langfuse_capture.clear()
-    yield langfuse_capture
+def capture(langfuse_capture_clean: CaptureServer) -> Iterator[CaptureServer]:
+    """The session's capture server, emptied (buffered spans flushed first) for this test."""
+    yield langfuse_capture_clean
 
 
 @pytest.fixture

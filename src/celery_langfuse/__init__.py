@@ -3,21 +3,41 @@
 The web request that enqueued a task, the worker run, the tasks it spawned and the
 beat run that scheduled it become linked traces in Langfuse, with user and session
 ids carried across the broker.
+
+Names are imported on first use, so importing a submodule (the pytest plugin, for
+one) does not load Celery or the Langfuse SDK.
 """
 
-from .config import ConfigurationError, TracingConfig
-from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
-from .install import Installation, install, uninstall
+from __future__ import annotations
 
-__all__ = [
-    "ALL_HEADERS",
-    "ConfigurationError",
-    "Installation",
-    "TraceAttributes",
-    "TraceParent",
-    "TracingConfig",
-    "extract",
-    "inject",
-    "install",
-    "uninstall",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ConfigurationError, TracingConfig
+    from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
+    from .install import Installation, install, uninstall
+
+_EXPORTS = {
+    "ConfigurationError": "config",
+    "TracingConfig": "config",
+    "ALL_HEADERS": "headers",
+    "TraceAttributes": "headers",
+    "TraceParent": "headers",
+    "extract": "headers",
+    "inject": "headers",
+    "Installation": "install",
+    "install": "install",
+    "uninstall": "install",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'celery_langfuse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -262,7 +262,7 @@ def _json_header(headers: Mapping[str, Any], name: str) -> Any:
     if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
         try:
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # "[[[[..." nests past the parser's limit
             pass
     log.debug("ignoring malformed %s header: %.100r", name, raw)
     return None

@@ -74,16 +74,18 @@ class CronHealth:
 
 
 class RunRegistry:
-    """Open runs keyed by task id; a bounded, thread-safe stack per id.
+    """Open runs keyed by task id and thread; a bounded, thread-safe stack per key.
 
-    A stack, because an eager retry runs the same task id again inside the first run.
-    When more than ``limit`` runs are open, the oldest is evicted and returned so the
-    caller can close it: the registry never grows without bound.
+    The thread is part of the key because a retry keeps the task id and may start in
+    another pool thread before the first run has closed; a run opens and closes in the
+    thread it runs in. A stack, because an eager retry runs the same task id again
+    inside the first run. When more than ``limit`` runs are open, the oldest is evicted
+    and returned so the caller can close it: the registry never grows without bound.
     """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._runs: OrderedDict[str, list[Run]] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, int], list[Run]] = OrderedDict()
         self._count = 0
         self._lock = threading.Lock()
 
@@ -92,8 +94,9 @@ class RunRegistry:
 
     def push(self, task_id: str, run: Run) -> list[Run]:
         evicted: list[Run] = []
+        key = (task_id, threading.get_ident())
         with self._lock:
-            self._runs.setdefault(task_id, []).append(run)
+            self._runs.setdefault(key, []).append(run)
             self._count += 1
             while self._count > self._limit:
                 _, stack = self._runs.popitem(last=False)
@@ -103,18 +106,19 @@ class RunRegistry:
 
     def peek(self, task_id: str) -> Optional[Run]:
         with self._lock:
-            stack = self._runs.get(task_id)
+            stack = self._runs.get((task_id, threading.get_ident()))
             return stack[-1] if stack else None
 
     def pop(self, task_id: str) -> Optional[Run]:
+        key = (task_id, threading.get_ident())
         with self._lock:
-            stack = self._runs.get(task_id)
+            stack = self._runs.get(key)
             if not stack:
                 return None
             run = stack.pop()
             self._count -= 1
             if not stack:
-                del self._runs[task_id]
+                del self._runs[key]
             return run
 
 

@@ -26,7 +26,8 @@ app.conf.update(
     worker_hijack_root_logger=False,
     result_expires=300,
 )
-install(app, flush_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT", "3")))
+if os.environ.get("CELERY_LANGFUSE_TEST_INSTALL", "1") == "1":
+    install(app, flush_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT", "3")))
 
 
 @app.task
@@ -97,3 +98,9 @@ def slow(seconds: float) -> float:
 
     time.sleep(seconds)
     return seconds
+
+
+@app.task(bind=True)
+def header_probe(self) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """The custom headers this run received, as the task sees them."""
+    return {k: v for k, v in (self.request.headers or {}).items() if k.startswith("x-")}

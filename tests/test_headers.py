@@ -1,0 +1,116 @@
+"""The wire format: what a producer writes, a consumer reads back; bad input is dropped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from celery_langfuse import headers
+from celery_langfuse.headers import TraceAttributes, TraceParent
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+SPAN_ID = "b7ad6b7169203331"
+
+
+def test_round_trip_carries_parent_and_every_trace_attribute() -> None:
+    out: dict[str, object] = {}
+    attributes = TraceAttributes(
+        user_id="user-1",
+        session_id="session-1",
+        tags=("a", "b"),
+        trace_name="checkout",
+        environment="staging",
+        metadata={"tenant": '"acme"'},
+    )
+    headers.inject(out, parent=TraceParent(TRACE_ID, SPAN_ID), attributes=attributes)
+
+    assert out["traceparent"] == f"00-{TRACE_ID}-{SPAN_ID}-01"
+    back = headers.extract(out)
+    assert back.parent == TraceParent(TRACE_ID, SPAN_ID, sampled=True, from_langfuse=True)
+    assert back.attributes == attributes
+    assert back.published_at is not None
+
+
+def test_headers_set_by_others_are_kept() -> None:
+    out: dict[str, object] = {"x-request-id": "abc", "priority": 3}
+    headers.inject(out, parent=TraceParent(TRACE_ID, SPAN_ID), attributes=TraceAttributes())
+    assert out["x-request-id"] == "abc"
+    assert out["priority"] == 3
+
+
+def test_plain_w3c_traceparent_is_continued() -> None:
+    parent = headers.extract({"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-00"}).parent
+    assert parent == TraceParent(TRACE_ID, SPAN_ID, sampled=False, from_langfuse=False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "garbage",
+        "",
+        f"00-{TRACE_ID}-{SPAN_ID}",
+        f"00-{'0' * 32}-{SPAN_ID}-01",
+        f"00-{TRACE_ID}-{'0' * 16}-01",
+        f"ff-{TRACE_ID}-{SPAN_ID}-01",
+        f"00-{TRACE_ID.upper()}x-{SPAN_ID}-01",
+        "00-" + "a" * 10_000,
+        12345,
+        None,
+        ["00", TRACE_ID],
+    ],
+)
+def test_malformed_traceparent_means_no_parent(value: object) -> None:
+    assert headers.extract({"traceparent": value}).parent is None
+
+
+@pytest.mark.parametrize(
+    ("trace_id", "parent_id"),
+    [("not-hex" * 5, SPAN_ID), (TRACE_ID, "zz" * 8), ("0" * 32, SPAN_ID), (TRACE_ID[:-1], SPAN_ID), (1, 2)],
+)
+def test_malformed_langfuse_ids_fall_back_to_traceparent(trace_id: object, parent_id: object) -> None:
+    other_span = "1" * 16
+    extracted = headers.extract(
+        {
+            "x-langfuse-trace-id": trace_id,
+            "x-langfuse-parent-id": parent_id,
+            "traceparent": f"00-{TRACE_ID}-{other_span}-01",
+        }
+    )
+    assert extracted.parent == TraceParent(TRACE_ID, other_span)
+
+
+def test_langfuse_ids_win_over_a_traceparent_rewritten_by_another_library() -> None:
+    extracted = headers.extract(
+        {
+            "x-langfuse-trace-id": TRACE_ID,
+            "x-langfuse-parent-id": SPAN_ID,
+            "traceparent": f"00-{'1' * 32}-{'2' * 16}-01",
+        }
+    )
+    assert extracted.parent == TraceParent(TRACE_ID, SPAN_ID, from_langfuse=True)
+
+
+def test_oversized_and_mistyped_attributes_are_dropped() -> None:
+    extracted = headers.extract(
+        {
+            "x-langfuse-user-id": "u" * 201,
+            "x-langfuse-session-id": {"not": "a string"},
+            "x-langfuse-tags": json.dumps(["ok", 5, "x" * 500]),
+            "x-langfuse-trace-name": "caf\u00e9",
+            "x-langfuse-environment": "Production!",
+            "x-langfuse-metadata": "{not json",
+            "x-langfuse-published-at": "nan",
+        }
+    )
+    assert extracted.attributes == TraceAttributes(tags=("ok",))
+    assert extracted.published_at is None
+
+
+def test_deeply_nested_json_header_is_dropped() -> None:
+    assert headers.extract({"x-langfuse-tags": "[" * 5_000}).attributes.tags == ()
+
+
+def test_environment_reserved_prefix_is_rejected() -> None:
+    assert headers.extract({"x-langfuse-environment": "langfuse-internal"}).attributes.environment is None
+    assert headers.extract({"x-langfuse-environment": "prod-eu_1"}).attributes.environment == "prod-eu_1"
