@@ -55,7 +55,11 @@ class Installation:
             self._connections.append((signal, handler))
 
     def disconnect(self) -> None:
+        others_installed = any(other is not self for other in _installations.values())
         for signal, handler in self._connections:
+            if handler is on_before_task_publish and others_installed:
+                # One publish handler serves every installed app: it goes with the last.
+                continue
             signal.disconnect(handler)
         self._connections.clear()
         self.beat.unwrap()
