@@ -20,6 +20,10 @@ from typing import Any
 import pytest
 from celery import Celery, beat, signals
 from redis import Redis
+
+from celery_langfuse import Installation, TraceAttributes, extract, inject, install, uninstall
+from celery_langfuse.headers import CRON_DUE_AT, CRON_ENTRY, CronRun
+from celery_langfuse.testing import CaptureServer, Observation, Score, Trace
 from tests.conftest import (
     REDIS_URL,
     beat_process,
@@ -28,10 +32,6 @@ from tests.conftest import (
     require_redis,
     worker_process,
 )
-
-from celery_langfuse import Installation, TraceAttributes, extract, inject, install, uninstall
-from celery_langfuse.headers import CRON_DUE_AT, CRON_ENTRY, CronRun
-from celery_langfuse.testing import CaptureServer, Observation, Score, Trace
 
 ADD = "tests.support.tasks.add"
 FAIL = "tests.support.tasks.fail"

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import langfuse
 from celery import Celery
@@ -221,7 +221,7 @@ def describe_schedule(schedule: Any) -> str:
     return repr(schedule)[:200]
 
 
-def _lateness_seconds(entry: Any) -> float | None:
+def _lateness_seconds(entry: Any) -> Optional[float]:
     """Seconds since the entry's run was due, if its schedule can tell."""
     last_run_at = getattr(entry, "last_run_at", None)
     if last_run_at is None:  # never ran (celery-redbeat): due "now", nothing to measure
@@ -237,13 +237,13 @@ def _lateness_seconds(entry: Any) -> float | None:
     return max(-float(remaining.total_seconds()), 0.0)
 
 
-def _wrapped(scheduler: Any) -> Callable[..., Any] | None:
+def _wrapped(scheduler: Any) -> Optional[Callable[..., Any]]:
     """The original ``apply_async`` if this library wrapped ``scheduler``'s."""
     own = vars(scheduler).get("apply_async")
     return getattr(own, "__celery_langfuse_wraps__", None)
 
 
-def _iso(timestamp: float | None) -> str | None:
+def _iso(timestamp: Optional[float]) -> Optional[str]:
     if timestamp is None:
         return None
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")

@@ -20,9 +20,8 @@ import os
 from datetime import timedelta
 from typing import Any
 
-from tests.support.tasks import QUEUE, app
-
 from celery_langfuse import uninstall
+from tests.support.tasks import QUEUE, app
 
 #: What each kind of entry runs: a task that succeeds, and one that always fails.
 ENTRY_KINDS: dict[str, dict[str, Any]] = {
