@@ -49,6 +49,16 @@ def get_langfuse() -> langfuse.Langfuse:
     return client
 
 
+@contextmanager
+def attached(ctx: otel_context.Context) -> Iterator[None]:
+    """Make ``ctx`` the current OTel context for the duration of the block."""
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _shutdown_at_exit() -> None:
     flush(exit_flush_timeout, shutdown=True)
 

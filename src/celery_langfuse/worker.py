@@ -19,19 +19,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from celery import states
 from langfuse.types import SpanLevel
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers
 from .config import TracingConfig
 from .logs import warn_rate_limited
-from .payload import capture
+from .payload import capture, describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ class WorkerTracing:
             return
         try:
             run.observation.update(
-                level="ERROR", status_message=f"internal error: {_describe(exception)}"
+                level="ERROR", status_message=f"internal error: {describe_exception(exception)}"
             )
         finally:
             _close(run)
@@ -232,7 +231,7 @@ class WorkerTracing:
             message_headers,
             message_headers.get("id"),
             "ERROR",
-            f"message rejected: {_describe(exc)}",
+            f"message rejected: {describe_exception(exc)}",
         )
 
     # -- internals ------------------------------------------------------------------
@@ -244,7 +243,7 @@ class WorkerTracing:
         try:
             attributes = extracted.attributes
             if extracted.parent is not None:
-                scope.enter_context(_attached(extracted.parent.context()))
+                scope.enter_context(client.attached(extracted.parent.context()))
             elif not otel_trace.get_current_span().get_span_context().is_valid:
                 # A new trace: name it after the task unless the producer named it.
                 attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
@@ -288,7 +287,7 @@ class WorkerTracing:
             extracted = headers.extract(message_headers)
             with ExitStack() as scope:
                 if extracted.parent is not None:
-                    scope.enter_context(_attached(extracted.parent.context()))
+                    scope.enter_context(client.attached(extracted.parent.context()))
                 scope.enter_context(client.propagated(extracted.attributes))
                 observation = client.get_langfuse().start_observation(
                     name=task_name,
@@ -303,15 +302,6 @@ class WorkerTracing:
 
 
 _HOSTNAME = socket.gethostname()
-
-
-@contextmanager
-def _attached(ctx: otel_context.Context) -> Iterator[None]:
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 def _run_metadata(task_id: str, request: Any, published_at: Optional[float]) -> dict[str, Any]:
@@ -342,11 +332,11 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         metadata = {"exception_type": type(retval).__name__}
         if run.traceback:
             metadata["traceback"] = run.traceback
-        observation.update(level="ERROR", status_message=_describe(retval), metadata=metadata)
+        observation.update(level="ERROR", status_message=describe_exception(retval), metadata=metadata)
     elif state == states.RETRY:
         observation.update(level="WARNING", status_message=f"retry: {_describe_retry(retval)}")
     elif state == states.REJECTED:
-        observation.update(level="WARNING", status_message=f"rejected: {_describe(retval)}")
+        observation.update(level="WARNING", status_message=f"rejected: {describe_exception(retval)}")
     elif state == states.IGNORED:
         observation.update(status_message="ignored")
 
@@ -358,18 +348,10 @@ def _close(run: Run) -> None:
         warn_rate_limited(log, "close", "celery-langfuse: could not close a task run")
 
 
-def _describe(exc: Any) -> str:
-    if exc is None:
-        return "unknown error"
-    message = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {message}"[:1000] if message else name
-
-
 def _describe_retry(retry: Any) -> str:
     reason = getattr(retry, "exc", None)
     if reason is not None:
-        return _describe(reason)
+        return describe_exception(reason)
     return str(getattr(retry, "message", None) or retry or "retry requested")[:1000]
 
 
