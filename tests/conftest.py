@@ -49,6 +49,18 @@ def tasks_app() -> Iterator[Any]:
     yield tasks
 
 
+@pytest.fixture(scope="module")
+def running_worker(langfuse_capture: CaptureServer) -> Iterator[Any]:
+    """tests/support/tasks.py's app served by an in-thread worker (threads pool) for
+    the whole module."""
+    require_redis()
+    from tests.support import tasks
+
+    tasks.app.control.purge()
+    with in_thread_worker(tasks.app, pool="threads", concurrency=2) as running:
+        yield running
+
+
 @contextmanager
 def in_thread_worker(app: Any, pool: str = "solo", concurrency: int = 1) -> Iterator[Any]:
     with start_worker(

@@ -28,7 +28,10 @@ def amqp_app() -> Iterator[Celery]:
         pytest.fail(f"RabbitMQ must answer on 127.0.0.1:5672 for this test: {exc}")
     app = Celery("amqp_tests", broker=AMQP_URL, backend="rpc://")
     app.conf.broker_heartbeat = 0
-    app.conf.update(task_default_queue=f"celery-langfuse-{uuid.uuid4().hex[:8]}", worker_hijack_root_logger=False)
+    app.conf.update(
+        task_default_queue=f"celery-langfuse-{uuid.uuid4().hex[:8]}",
+        worker_hijack_root_logger=False,
+    )
 
     @app.task(name="amqp.add")
     def add(x: int, y: int) -> int:
@@ -55,7 +58,9 @@ def test_trace_and_user_cross_rabbitmq(amqp_app: Celery, capture: CaptureServer)
         with propagate_attributes(user_id="amqp-user", session_id="amqp-session", tags=["amqp"]):
             amqp_app.tasks["amqp.spawn"].delay(1).get(timeout=15)
 
-    capture.wait_for(lambda s: s.trace(root.trace_id).find("amqp.add") and s.trace(root.trace_id).find("request"))
+    capture.wait_for(
+        lambda s: s.trace(root.trace_id).find("amqp.add") and s.trace(root.trace_id).find("request")
+    )
     trace = capture.trace(root.trace_id)
     assert trace.orphans() == []
     spawn, add = trace.find("amqp.spawn"), trace.find("amqp.add")
@@ -74,9 +79,16 @@ def test_failure_over_rabbitmq_is_an_error(amqp_app: Celery, capture: CaptureSer
     assert (run.level, run.status_message) == ("ERROR", "RuntimeError: over amqp")
 
 
-def test_garbage_trace_headers_over_rabbitmq_still_run_the_task(amqp_app: Celery, capture: CaptureServer) -> None:
+def test_garbage_trace_headers_over_rabbitmq_still_run_the_task(
+    amqp_app: Celery, capture: CaptureServer
+) -> None:
     result = amqp_app.tasks["amqp.add"].apply_async(
-        (1, 1), headers={"traceparent": "00-zz", "x-langfuse-trace-id": "1" * 500, "x-langfuse-user-id": "u" * 999}
+        (1, 1),
+        headers={
+            "traceparent": "00-zz",
+            "x-langfuse-trace-id": "1" * 500,
+            "x-langfuse-user-id": "u" * 999,
+        },
     )
     assert result.get(timeout=15) == 2
     capture.wait_for(lambda s: any(o.metadata.get("task_id") == result.id for o in s.observations))

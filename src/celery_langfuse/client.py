@@ -50,6 +50,16 @@ def get_langfuse() -> langfuse.Langfuse:
     return client
 
 
+@contextmanager
+def attached(ctx: otel_context.Context) -> Iterator[None]:
+    """Make ``ctx`` the current OTel context for the duration of the block."""
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _shutdown_at_exit() -> None:
     if not flush(exit_flush_timeout, shutdown=True):
         # OpenTelemetry's own exit hook runs next: it shuts the tracer provider down
@@ -220,6 +230,16 @@ def score_cron_run(
 ) -> None:
     """Record the cron health scores of one run on its trace; None means "not known"."""
     langfuse_client = get_langfuse()
+    # Lateness first: scores leave in order, so whoever sees cron_success has both.
+    if lateness_seconds is not None:
+        langfuse_client.create_score(
+            name=CRON_LATENESS_SCORE,
+            value=round(lateness_seconds, 3),
+            trace_id=trace_id,
+            data_type="NUMERIC",
+            metadata=metadata,
+            environment=environment,
+        )
     if success is not None:
         langfuse_client.create_score(
             name=CRON_SUCCESS_SCORE,
@@ -227,15 +247,6 @@ def score_cron_run(
             trace_id=trace_id,
             data_type="NUMERIC",
             comment=comment,
-            metadata=metadata,
-            environment=environment,
-        )
-    if lateness_seconds is not None:
-        langfuse_client.create_score(
-            name=CRON_LATENESS_SCORE,
-            value=round(lateness_seconds, 3),
-            trace_id=trace_id,
-            data_type="NUMERIC",
             metadata=metadata,
             environment=environment,
         )

@@ -1,8 +1,9 @@
 """``install(app)`` / ``uninstall(app)``: connect and disconnect every signal handler.
 
-Celery signals are process-wide, so the handlers are connected once per process and
-serve every installed app; worker-side handlers skip tasks of apps that were not
-installed. Connecting is all ``install`` does: no Langfuse client is created until a
+Celery signals are process-wide. The publish handler (a message does not say which
+app sent it) and the shutdown flush are connected once per process, while any app is
+installed; each installation connects its own worker-side handlers, which skip tasks
+of other apps. Connecting is all ``install`` does: no Langfuse client is created until a
 message is published or a task runs, so it is safe at import time of the app module,
 before a prefork pool forks.
 """
@@ -37,41 +38,28 @@ class Installation:
 
     def connect(self) -> None:
         worker = self.worker
-        for signal, handler in (
-            (signals.before_task_publish, on_before_task_publish),
+        _connect(
+            self._connections,
             (signals.task_prerun, self._for_app(worker.on_task_prerun)),
             (signals.task_failure, self._for_app(worker.on_task_failure)),
-            (signals.task_postrun, worker.on_task_postrun),
-            (signals.task_internal_error, worker.on_task_internal_error),
-            (signals.task_revoked, worker.on_task_revoked),
-            (signals.task_unknown, worker.on_task_unknown),
-            (signals.task_rejected, worker.on_task_rejected),
-            (signals.worker_process_shutdown, self.flush),
-            (signals.worker_shutdown, self.flush),
+            (signals.task_postrun, self._for_app(worker.on_task_postrun)),
+            (signals.task_internal_error, self._for_app(worker.on_task_internal_error)),
+            (signals.task_revoked, self._for_app(worker.on_task_revoked)),
+            (signals.task_unknown, self._for_app(worker.on_task_unknown)),
+            (signals.task_rejected, self._for_app(worker.on_task_rejected)),
             (signals.beat_init, self.beat.on_beat_init),
             (signals.beat_embedded_init, self.beat.on_beat_embedded_init),
-        ):
-            signal.connect(handler, weak=False)
-            self._connections.append((signal, handler))
+        )
 
     def disconnect(self) -> None:
-        others_installed = any(other is not self for other in _installations.values())
-        for signal, handler in self._connections:
-            if handler is on_before_task_publish and others_installed:
-                # One publish handler serves every installed app: it goes with the last.
-                continue
-            signal.disconnect(handler)
-        self._connections.clear()
+        _disconnect(self._connections)
         self.beat.unwrap()
-
-    def flush(self, **_: Any) -> None:
-        """Send buffered observations, bounded by ``flush_timeout``."""
-        client.flush(self.config.flush_timeout)
 
     def _for_app(self, handler: Callable[..., None]) -> Callable[..., None]:
         app = self.app
 
         def only_this_app(sender: Any = None, **kwargs: Any) -> None:
+            # sender is the task, or the consumer for unknown/rejected messages
             if getattr(sender, "app", app) is app:
                 handler(sender=sender, **kwargs)
 
@@ -79,7 +67,27 @@ class Installation:
 
 
 _installations: dict[int, Installation] = {}
+_process_connections: list[tuple[Any, Callable[..., Any]]] = []
 _lock = threading.Lock()
+
+
+def _flush_before_exit(**_: Any) -> None:
+    """Prefork children exit through ``os._exit``: this signal is their last chance."""
+    client.flush(client.exit_flush_timeout)
+
+
+def _connect(
+    connections: list[tuple[Any, Callable[..., Any]]], *pairs: tuple[Any, Callable[..., Any]]
+) -> None:
+    for signal, handler in pairs:
+        signal.connect(handler, weak=False)
+        connections.append((signal, handler))
+
+
+def _disconnect(connections: list[tuple[Any, Callable[..., Any]]]) -> None:
+    for signal, handler in connections:
+        signal.disconnect(handler)
+    connections.clear()
 
 
 def install(app: Celery, **options: Any) -> Installation:
@@ -97,6 +105,13 @@ def install(app: Celery, **options: Any) -> Installation:
             app=app, config=config, worker=WorkerTracing(config), beat=BeatTracing(app, config)
         )
         installation.connect()
+        if not _installations:
+            _connect(
+                _process_connections,
+                (signals.before_task_publish, on_before_task_publish),
+                (signals.worker_process_shutdown, _flush_before_exit),
+                (signals.worker_shutdown, _flush_before_exit),
+            )
         _installations[id(app)] = installation
         client.exit_flush_timeout = max(i.config.flush_timeout for i in _installations.values())
         return installation
@@ -106,5 +121,8 @@ def uninstall(app: Celery) -> None:
     """Disconnect everything ``install(app)`` connected. A no-op if not installed."""
     with _lock:
         installation = _installations.pop(id(app), None)
-        if installation is not None:
-            installation.disconnect()
+        if installation is None:
+            return
+        installation.disconnect()
+        if not _installations:
+            _disconnect(_process_connections)

@@ -23,18 +23,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from celery import states
-from opentelemetry import context as otel_context
+from langfuse.types import SpanLevel
 from opentelemetry import trace as otel_trace
 
 from . import client, headers
 from .config import TracingConfig
 from .logs import warn_rate_limited
-from .payload import capture
+from .payload import capture, describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class WorkerTracing:
                 run.cron.score(
                     run.observation.trace_id,
                     success=_CRON_SUCCESS_BY_STATE.get(state or ""),
-                    comment=None if state == states.SUCCESS else _describe(retval),
+                    comment=None if state == states.SUCCESS else describe_exception(retval),
                 )
         except Exception:
             warn_rate_limited(log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id)
@@ -215,7 +215,7 @@ class WorkerTracing:
         if run is None:
             return
         try:
-            status = f"internal error: {_describe(exception)}"
+            status = f"internal error: {describe_exception(exception)}"
             run.observation.update(level="ERROR", status_message=status)
             if run.cron is not None:
                 run.cron.score(run.observation.trace_id, success=False, comment=status)
@@ -270,7 +270,7 @@ class WorkerTracing:
             message_headers,
             message_headers.get("id"),
             "ERROR",
-            f"message rejected: {_describe(exc)}",
+            f"message rejected: {describe_exception(exc)}",
         )
 
     # -- internals ------------------------------------------------------------------
@@ -283,7 +283,7 @@ class WorkerTracing:
         try:
             attributes = extracted.attributes
             if extracted.parent is not None:
-                scope.enter_context(_attached(extracted.parent.context()))
+                scope.enter_context(client.attached(extracted.parent.context()))
             elif not otel_trace.get_current_span().get_span_context().is_valid:
                 # A new trace: name it after the task unless the producer named it.
                 attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
@@ -320,19 +320,19 @@ class WorkerTracing:
         task_name: str,
         message_headers: Mapping[str, Any],
         task_id: Any,
-        level: str,
+        level: SpanLevel,
         status: str,
     ) -> None:
         try:
             extracted = headers.extract(message_headers)
             with ExitStack() as scope:
                 if extracted.parent is not None:
-                    scope.enter_context(_attached(extracted.parent.context()))
+                    scope.enter_context(client.attached(extracted.parent.context()))
                 scope.enter_context(client.propagated(extracted.attributes))
                 observation = client.get_langfuse().start_observation(
                     name=task_name,
                     as_type="span",
-                    level=level,  # type: ignore[arg-type]
+                    level=level,
                     status_message=status,
                     metadata={"task_id": task_id, "hostname": _HOSTNAME},
                 )
@@ -347,15 +347,6 @@ class WorkerTracing:
 
 
 _HOSTNAME = socket.gethostname()
-
-
-@contextmanager
-def _attached(ctx: otel_context.Context) -> Iterator[None]:
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
 
 
 def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> Optional[CronHealth]:
@@ -407,11 +398,11 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         metadata = {"exception_type": type(retval).__name__}
         if run.traceback:
             metadata["traceback"] = run.traceback
-        observation.update(level="ERROR", status_message=_describe(retval), metadata=metadata)
+        observation.update(level="ERROR", status_message=describe_exception(retval), metadata=metadata)
     elif state == states.RETRY:
         observation.update(level="WARNING", status_message=f"retry: {_describe_retry(retval)}")
     elif state == states.REJECTED:
-        observation.update(level="WARNING", status_message=f"rejected: {_describe(retval)}")
+        observation.update(level="WARNING", status_message=f"rejected: {describe_exception(retval)}")
     elif state == states.IGNORED:
         observation.update(status_message="ignored")
 
@@ -423,18 +414,10 @@ def _close(run: Run) -> None:
         warn_rate_limited(log, "close", "celery-langfuse: could not close a task run")
 
 
-def _describe(exc: Any) -> str:
-    if exc is None:
-        return "unknown error"
-    message = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {message}"[:1000] if message else name
-
-
 def _describe_retry(retry: Any) -> str:
     reason = getattr(retry, "exc", None)
     if reason is not None:
-        return _describe(reason)
+        return describe_exception(reason)
     return str(getattr(retry, "message", None) or retry or "retry requested")[:1000]
 
 
