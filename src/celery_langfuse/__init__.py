@@ -49,6 +49,11 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'celery_langfuse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    imported = importlib.import_module(f".{module}", __name__)
+    # Importing the submodule ``install`` binds the package attribute ``install`` to
+    # that module: rebind every name it exports, so ``install`` is the function
+    # whichever name was asked for first.
+    for exported, source in _EXPORTS.items():
+        if source == module:
+            globals()[exported] = getattr(imported, exported)
+    return globals()[name]

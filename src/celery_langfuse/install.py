@@ -18,6 +18,7 @@ from typing import Any, Callable
 from celery import Celery, signals
 
 from . import client
+from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
@@ -32,6 +33,7 @@ class Installation:
     app: Celery
     config: TracingConfig
     worker: WorkerTracing
+    beat: BeatTracing
     _connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
     def connect(self) -> None:
@@ -45,10 +47,13 @@ class Installation:
             (signals.task_revoked, self._for_app(worker.on_task_revoked)),
             (signals.task_unknown, self._for_app(worker.on_task_unknown)),
             (signals.task_rejected, self._for_app(worker.on_task_rejected)),
+            (signals.beat_init, self.beat.on_beat_init),
+            (signals.beat_embedded_init, self.beat.on_beat_embedded_init),
         )
 
     def disconnect(self) -> None:
         _disconnect(self._connections)
+        self.beat.unwrap()
 
     def _for_app(self, handler: Callable[..., None]) -> Callable[..., None]:
         app = self.app
@@ -96,7 +101,9 @@ def install(app: Celery, **options: Any) -> Installation:
         if existing is not None:
             return existing
         config = TracingConfig.from_options(options)
-        installation = Installation(app=app, config=config, worker=WorkerTracing(config))
+        installation = Installation(
+            app=app, config=config, worker=WorkerTracing(config), beat=BeatTracing(app, config)
+        )
         installation.connect()
         if not _installations:
             _connect(

@@ -48,9 +48,10 @@ def _inject_trace(
 ) -> None:
     ctx = otel_context.get_current()
     attributes = client.current_trace_attributes(ctx)
+    cron = client.current_cron_run(ctx)
     current = otel_trace.get_current_span(ctx).get_span_context()
     if not current.is_valid:
-        headers.inject(message_headers, parent=None, attributes=attributes)
+        headers.inject(message_headers, parent=None, attributes=attributes, cron=cron)
         return
 
     metadata: dict[str, Any] = {"task_id": message_headers.get("id"), "queue": routing_key}
@@ -67,6 +68,7 @@ def _inject_trace(
         message_headers,
         parent=headers.TraceParent(span.trace_id, span.id, sampled=current.trace_flags.sampled),
         attributes=attributes,
+        cron=cron,
     )
 
 

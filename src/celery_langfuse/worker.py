@@ -6,6 +6,10 @@ session, tags, trace name, environment, metadata) and opens the run observation 
 current span, so everything the task does (nested tasks, LLM calls) nests inside it.
 ``task_postrun`` records the outcome and closes it.
 
+A run that celery beat started (the message names its schedule entry) also records
+the cron health scores on its trace when it ends: ``cron_success`` and
+``cron_lateness_seconds`` (see ``client.score_cron_run``).
+
 Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; nothing
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
 recorded as a short observation in the consumer process, so their trace shows why.
@@ -25,13 +29,12 @@ from typing import Any, Optional
 
 from celery import states
 from langfuse.types import SpanLevel
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers
 from .config import TracingConfig
 from .logs import warn_rate_limited
-from .payload import capture
+from .payload import capture, describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,31 @@ class Run:
     observation: client.Observation
     scope: ExitStack  # detaches the run's context and ends the observation
     traceback: Optional[str] = None
+    cron: Optional[CronHealth] = None
+
+
+@dataclass(frozen=True)
+class CronHealth:
+    """What a run started by celery beat reports when it ends."""
+
+    entry: str
+    task_id: Optional[str]
+    #: Seconds from when the run was due to when this attempt started; only the
+    #: first attempt reports it, retries would count their own delay as lateness.
+    lateness_seconds: Optional[float]
+    environment: Optional[str]
+
+    def score(
+        self, trace_id: str, *, success: Optional[bool], comment: Optional[str] = None
+    ) -> None:
+        client.score_cron_run(
+            trace_id,
+            success=success,
+            lateness_seconds=self.lateness_seconds,
+            comment=comment,
+            metadata={"cron_entry": self.entry, "task_id": self.task_id},
+            environment=self.environment,
+        )
 
 
 class RunRegistry:
@@ -175,6 +203,12 @@ class WorkerTracing:
             return
         try:
             _record_outcome(run, state, retval, self.config)
+            if run.cron is not None:
+                run.cron.score(
+                    run.observation.trace_id,
+                    success=_CRON_SUCCESS_BY_STATE.get(state or ""),
+                    comment=None if state == states.SUCCESS else describe_exception(retval),
+                )
         except Exception:
             warn_rate_limited(log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id)
         finally:
@@ -187,9 +221,10 @@ class WorkerTracing:
         if run is None:
             return
         try:
-            run.observation.update(
-                level="ERROR", status_message=f"internal error: {_describe(exception)}"
-            )
+            status = f"internal error: {describe_exception(exception)}"
+            run.observation.update(level="ERROR", status_message=status)
+            if run.cron is not None:
+                run.cron.score(run.observation.trace_id, success=False, comment=status)
         finally:
             _close(run)
 
@@ -211,9 +246,12 @@ class WorkerTracing:
             status = f"terminated by signal {signum}" if signum else "terminated"
         else:
             status = "revoked"
+        # Celery sends the request's Context: the task name is its ``task`` and the
+        # message headers are read from it as from a running task's request.
+        name = getattr(request, "task", None)
         self._record_unrun(
-            getattr(request, "name", None) or "task",
-            _dict_headers(getattr(request, "request_dict", None)),
+            name if isinstance(name, str) else "task",
+            RequestHeaders(request),
             getattr(request, "id", None),
             "WARNING",
             status,
@@ -238,7 +276,7 @@ class WorkerTracing:
             message_headers,
             message_headers.get("id"),
             "ERROR",
-            f"message rejected: {_describe(exc)}",
+            f"message rejected: {describe_exception(exc)}",
         )
 
     # -- internals ------------------------------------------------------------------
@@ -246,11 +284,12 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         extracted = headers.extract(RequestHeaders(request))
+        cron = _cron_health(extracted, task_id, request)
         scope = ExitStack()
         try:
             attributes = extracted.attributes
             if extracted.parent is not None:
-                _attach(scope, extracted.parent.context())
+                scope.enter_context(client.attached(extracted.parent.context()))
             elif not otel_trace.get_current_span().get_span_context().is_valid:
                 # A new trace: name it after the task unless the producer named it.
                 attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
@@ -259,14 +298,14 @@ class WorkerTracing:
             observation = client.start_observation(
                 task.name,
                 input=self._capture_input(args, kwargs),
-                metadata=_run_metadata(task_id, request, extracted.published_at),
+                metadata=_run_metadata(task_id, request, extracted.published_at, cron),
             )
             scope.callback(observation.end)
-            _attach(scope, client.context_with(observation))
+            scope.enter_context(client.attached(client.context_with(observation)))
         except BaseException:
             scope.close()
             raise
-        for stale in self.runs.push(task_id, Run(observation, scope)):
+        for stale in self.runs.push(task_id, Run(observation, scope, cron=cron)):
             warn_rate_limited(
                 log, "evicted", "celery-langfuse: more than %d runs open; closing the oldest",
                 self.config.max_open_runs,
@@ -294,7 +333,7 @@ class WorkerTracing:
             extracted = headers.extract(message_headers)
             with ExitStack() as scope:
                 if extracted.parent is not None:
-                    _attach(scope, extracted.parent.context())
+                    scope.enter_context(client.attached(extracted.parent.context()))
                 scope.enter_context(client.propagated(extracted.attributes))
                 observation = client.start_observation(
                     task_name,
@@ -303,6 +342,11 @@ class WorkerTracing:
                     metadata={"task_id": task_id, "hostname": _HOSTNAME},
                 )
                 observation.end()
+            if extracted.cron is not None:
+                cron = CronHealth(
+                    extracted.cron.entry, task_id, None, extracted.attributes.environment
+                )
+                cron.score(observation.trace_id, success=False, comment=status)
         except Exception:
             warn_rate_limited(log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id)
 
@@ -310,12 +354,24 @@ class WorkerTracing:
 _HOSTNAME = socket.gethostname()
 
 
-def _attach(scope: ExitStack, ctx: otel_context.Context) -> None:
-    """Make ``ctx`` current until ``scope`` closes."""
-    scope.callback(otel_context.detach, otel_context.attach(ctx))
+def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> Optional[CronHealth]:
+    cron = extracted.cron
+    if cron is None:
+        return None
+    lateness = None
+    if cron.due_at is not None and not getattr(request, "retries", 0):
+        lateness = max(time.time() - cron.due_at, 0.0)
+    return CronHealth(cron.entry, task_id, lateness, extracted.attributes.environment)
 
 
-def _run_metadata(task_id: str, request: Any, published_at: Optional[float]) -> dict[str, Any]:
+#: The cron_success score of a run's final state; a retry is not final, and a task
+#: that ignored itself (or was replaced) reports nothing.
+_CRON_SUCCESS_BY_STATE = {states.SUCCESS: True, states.FAILURE: False, states.REJECTED: False}
+
+
+def _run_metadata(
+    task_id: str, request: Any, published_at: Optional[float], cron: Optional[CronHealth]
+) -> dict[str, Any]:
     delivery_info = getattr(request, "delivery_info", None) or {}
     metadata: dict[str, Any] = {
         "task_id": task_id,
@@ -331,6 +387,10 @@ def _run_metadata(task_id: str, request: Any, published_at: Optional[float]) -> 
         metadata["eager"] = True
     if published_at is not None:
         metadata["queue_wait_seconds"] = round(max(time.time() - published_at, 0.0), 6)
+    if cron is not None:
+        metadata["cron_entry"] = cron.entry
+        if cron.lateness_seconds is not None:
+            metadata["cron_lateness_seconds"] = round(cron.lateness_seconds, 3)
     return metadata
 
 
@@ -343,11 +403,11 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         metadata = {"exception_type": type(retval).__name__}
         if run.traceback:
             metadata["traceback"] = run.traceback
-        observation.update(level="ERROR", status_message=_describe(retval), metadata=metadata)
+        observation.update(level="ERROR", status_message=describe_exception(retval), metadata=metadata)
     elif state == states.RETRY:
         observation.update(level="WARNING", status_message=f"retry: {_describe_retry(retval)}")
     elif state == states.REJECTED:
-        observation.update(level="WARNING", status_message=f"rejected: {_describe(retval)}")
+        observation.update(level="WARNING", status_message=f"rejected: {describe_exception(retval)}")
     elif state == states.IGNORED:
         observation.update(status_message="ignored")
 
@@ -359,18 +419,10 @@ def _close(run: Run) -> None:
         warn_rate_limited(log, "close", "celery-langfuse: could not close a task run")
 
 
-def _describe(exc: Any) -> str:
-    if exc is None:
-        return "unknown error"
-    message = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {message}"[:1000] if message else name
-
-
 def _describe_retry(retry: Any) -> str:
     reason = getattr(retry, "exc", None)
     if reason is not None:
-        return _describe(reason)
+        return describe_exception(reason)
     return str(getattr(retry, "message", None) or retry or "retry requested")[:1000]
 
 
