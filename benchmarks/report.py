@@ -37,33 +37,108 @@ class Metric:
 
 
 METRICS = (
-    Metric("publish", "publish, in an active trace", "publish", "publish_us", "µs",
-           "ratio", False, 1.15),
-    Metric("publish_bare", "publish, no active trace", "publish-bare", "publish_us", "µs",
-           "ratio", False, 1.15),
-    Metric("solo_throughput", "solo worker, tasks/s", "solo", "tasks_per_s", "tasks/s",
-           "ratio", True, 0.85),
-    Metric("solo_cpu", "worker CPU per task", "solo", "cpu_us_per_task", "µs",
-           "ratio", False, 1.25),
-    Metric("prefork_throughput", "prefork -c 2, tasks/s", "prefork", "tasks_per_s", "tasks/s",
-           "ratio", True, 0.95),
-    Metric("latency", "publish → task start latency", "latency", "latency_ms", "ms",
-           "added", False, 0.3),
-    Metric("peak_rss", "worker peak RSS (solo)", "solo", "peak_rss_mb", "MB",
-           "added", False, 25),
-    Metric("rss_growth", "RSS growth, 2nd half (solo)", "solo", "rss_growth_mb", "MB",
-           "value", False, 2),
-    Metric("sink_down_throughput", "sink down: solo tasks/s", "sink-down", "tasks_per_s",
-           "tasks/s", "ratio", True, 0.85, baseline_workload="solo"),
-    Metric("sink_down_peak_rss", "sink down: peak RSS (solo)", "sink-down", "peak_rss_mb", "MB",
-           "added", False, 25, baseline_workload="solo"),
-    Metric("sink_down_rss_growth", "sink down: RSS growth, 2nd half", "sink-down",
-           "rss_growth_mb", "MB", "value", False, 2),
+    Metric(
+        "publish",
+        "publish, in an active trace",
+        "publish",
+        "publish_us",
+        "µs",
+        "ratio",
+        False,
+        1.15,
+    ),
+    Metric(
+        "publish_bare",
+        "publish, no active trace",
+        "publish-bare",
+        "publish_us",
+        "µs",
+        "ratio",
+        False,
+        1.15,
+    ),
+    Metric(
+        "solo_throughput",
+        "solo worker, tasks/s",
+        "solo",
+        "tasks_per_s",
+        "tasks/s",
+        "ratio",
+        True,
+        0.85,
+    ),
+    Metric(
+        "solo_cpu", "worker CPU per task", "solo", "cpu_us_per_task", "µs", "ratio", False, 1.25
+    ),
+    Metric(
+        "prefork_throughput",
+        "prefork -c 2, tasks/s",
+        "prefork",
+        "tasks_per_s",
+        "tasks/s",
+        "ratio",
+        True,
+        0.95,
+    ),
+    Metric(
+        "latency",
+        "publish → task start latency",
+        "latency",
+        "latency_ms",
+        "ms",
+        "added",
+        False,
+        0.3,
+    ),
+    Metric("peak_rss", "worker peak RSS (solo)", "solo", "peak_rss_mb", "MB", "added", False, 25),
+    Metric(
+        "rss_growth",
+        "RSS growth, 2nd half (solo)",
+        "solo",
+        "rss_growth_mb",
+        "MB",
+        "value",
+        False,
+        2,
+    ),
+    Metric(
+        "sink_down_throughput",
+        "sink down: solo tasks/s",
+        "sink-down",
+        "tasks_per_s",
+        "tasks/s",
+        "ratio",
+        True,
+        0.85,
+        baseline_workload="solo",
+    ),
+    Metric(
+        "sink_down_peak_rss",
+        "sink down: peak RSS (solo)",
+        "sink-down",
+        "peak_rss_mb",
+        "MB",
+        "added",
+        False,
+        25,
+        baseline_workload="solo",
+    ),
+    Metric(
+        "sink_down_rss_growth",
+        "sink down: RSS growth, 2nd half",
+        "sink-down",
+        "rss_growth_mb",
+        "MB",
+        "value",
+        False,
+        2,
+    ),
 )
 
 
-def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]],
-              contenders: list[str]) -> dict[str, Any]:
+def summarise(
+    samples: dict[str, dict[str, list[dict[str, Any]]]], contenders: list[str]
+) -> dict[str, Any]:
     """Median of each metric per contender, compared with plain Celery's median."""
     summary: dict[str, Any] = {}
     for metric in METRICS:
@@ -74,8 +149,11 @@ def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]],
             workload = metric.workload
             if contender == "plain" and metric.baseline_workload:
                 workload = metric.baseline_workload
-            values = [s[metric.field] for s in samples.get(workload, {}).get(contender, [])
-                      if metric.field in s]
+            values = [
+                s[metric.field]
+                for s in samples.get(workload, {}).get(contender, [])
+                if metric.field in s
+            ]
             if values:
                 medians[contender] = statistics.median(values)
         base = medians.get("plain")
@@ -92,8 +170,11 @@ def summarise(samples: dict[str, dict[str, list[dict[str, Any]]]],
         if ours is not None:
             if metric.target is not None:
                 entry["target_met"] = (
-                    ours >= metric.target if metric.higher_is_better else
-                    (ours < metric.target if metric.compare == "value" else ours <= metric.target)
+                    ours >= metric.target
+                    if metric.higher_is_better
+                    else (
+                        ours < metric.target if metric.compare == "value" else ours <= metric.target
+                    )
                 )
             others = [v for c, v in compared.items() if c not in ("plain", OURS)]
             if others:
@@ -118,7 +199,9 @@ def _fmt_compared(metric: Metric, value: float) -> str:
     if metric.compare == "ratio":
         return f"{value:.2f}×"
     if metric.compare == "added":
-        return f"{value:+.2f} {metric.unit}" if metric.unit == "ms" else f"{value:+.1f} {metric.unit}"
+        return (
+            f"{value:+.2f} {metric.unit}" if metric.unit == "ms" else f"{value:+.1f} {metric.unit}"
+        )
     return f"{value:+.1f} {metric.unit}"
 
 
@@ -209,37 +292,50 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         shown = [c for c in contenders if c in entry["compared"]]
         values = [entry["compared"][c] for c in shown]
         if metric.compare == "ratio":
-            reference, xlabel = 1.0, "× plain Celery" + (" (higher is better)"
-                                                         if metric.higher_is_better
-                                                         else " (lower is better)")
+            reference, xlabel = (
+                1.0,
+                "× plain Celery"
+                + (" (higher is better)" if metric.higher_is_better else " (lower is better)"),
+            )
         elif metric.compare == "added":
             values = [0.0 if c == "plain" else v for c, v in zip(shown, values)]
             reference, xlabel = 0.0, f"{metric.unit} added to plain Celery (lower is better)"
         else:
             reference, xlabel = 0.0, f"{metric.unit} (closer to 0 is better)"
         positions = range(len(shown))[::-1]
-        axis.barh(list(positions), values, color=[colours[c] for c in shown],
-                  left=0 if metric.compare != "ratio" else 0)
+        axis.barh(
+            list(positions),
+            values,
+            color=[colours[c] for c in shown],
+            left=0 if metric.compare != "ratio" else 0,
+        )
         for y, value in zip(positions, values):
             text = _fmt_compared(metric, value) if metric.compare != "ratio" else f"{value:.2f}×"
-            axis.annotate(text, (value, y), xytext=(3, 0), textcoords="offset points",
-                          va="center", fontsize=8)
+            axis.annotate(
+                text, (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8
+            )
         axis.axvline(reference, color="black", linewidth=0.8)
         if metric.target is not None:
             axis.axvline(metric.target, color="#c62828", linestyle="--", linewidth=1)
         axis.set_yticks(list(positions), [LABELS[c] for c in shown], fontsize=8)
         plain = entry["medians"].get("plain")
-        base = f" — plain: {_fmt_value(plain, metric.unit)}" if plain is not None and \
-            metric.compare != "value" else ""
+        base = (
+            f" — plain: {_fmt_value(plain, metric.unit)}"
+            if plain is not None and metric.compare != "value"
+            else ""
+        )
         axis.set_title(metric.title + base, fontsize=9)
         axis.set_xlabel(xlabel, fontsize=8)
         axis.tick_params(axis="x", labelsize=8)
         low, high = axis.get_xlim()
         axis.set_xlim(min(low, 0), high * 1.18 if high > 0 else high)
-    for axis in list(axes.flat)[len(metrics):]:
+    for axis in list(axes.flat)[len(metrics) :]:
         axis.axis("off")
-    fig.suptitle("Cost of Celery tracers, relative to plain Celery "
-                 "(red dashed line: celery-langfuse's target)", fontsize=11)
+    fig.suptitle(
+        "Cost of Celery tracers, relative to plain Celery "
+        "(red dashed line: celery-langfuse's target)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -38,7 +38,7 @@ from typing import Any, Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from benchmarks import report  # noqa: E402
+from benchmarks import isolation, report  # noqa: E402
 from benchmarks.contenders import CONTENDERS  # noqa: E402
 
 WORKLOADS = ("publish", "publish-bare", "solo", "prefork", "latency", "sink-down")
@@ -51,17 +51,30 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n-publish", type=int, default=5000, help="publishes timed per process")
     parser.add_argument("--n-worker", type=int, default=6000, help="no-op tasks per worker run")
     parser.add_argument("--n-latency", type=int, default=300, help="latency probes per process")
-    parser.add_argument("--per-parent", type=int, default=10,
-                        help="tasks published per incoming-request span (default 10)")
+    parser.add_argument(
+        "--per-parent",
+        type=int,
+        default=10,
+        help="tasks published per incoming-request span (default 10)",
+    )
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument("--worker-loglevel", default="WARNING",
-                        help="celery worker -l (default WARNING: no per-task log lines)")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379",
-                        help="Redis server; databases 13 (broker) and 14 (marks) are emptied")
+    parser.add_argument(
+        "--worker-loglevel",
+        default="WARNING",
+        help="celery worker -l (default WARNING: no per-task log lines)",
+    )
+    parser.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379",
+        help="Redis server; uses databases 13 (broker) and 14 (marks), deletes only its own keys",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--quick", action="store_true",
-                        help="small N and 1 repetition: checks the harness, not the numbers")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small N and 1 repetition: checks the harness, not the numbers",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.n_publish, args.n_worker, args.n_latency = 1, 1000, 1000, 50
@@ -95,11 +108,10 @@ class Bench:
         self.sink_port = _free_port()
         self.closed_port = _free_port()  # nothing listens here: "Langfuse is down"
         self.sink: Optional[subprocess.Popen[bytes]] = None
+        self.hidden_modules = isolation.hidden_modules()
 
     @contextmanager
     def running(self) -> Iterator[Bench]:
-        self.broker.flushdb()
-        self.results.flushdb()
         self.sink = subprocess.Popen(
             [PYTHON, str(ROOT / "benchmarks" / "sink.py"), str(self.sink_port)],
             stdout=subprocess.PIPE,
@@ -111,8 +123,6 @@ class Bench:
             yield self
         finally:
             _stop(self.sink)
-            self.broker.flushdb()
-            self.results.flushdb()
 
     def sink_stats(self) -> dict[str, Any]:
         from urllib.request import urlopen
@@ -120,8 +130,9 @@ class Bench:
         with urlopen(f"http://127.0.0.1:{self.sink_port}/__stats", timeout=5) as response:
             return json.loads(response.read())
 
-    def env(self, contender: str, *, queue: str = "bench", pool: str = "solo",
-            sink_down: bool = False) -> dict[str, str]:
+    def env(
+        self, contender: str, *, queue: str = "bench", pool: str = "solo", sink_down: bool = False
+    ) -> dict[str, str]:
         env = {
             key: value
             for key, value in os.environ.items()
@@ -129,7 +140,10 @@ class Bench:
         }
         sink = f"http://127.0.0.1:{self.closed_port if sink_down else self.sink_port}"
         env.update(
-            PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+            PYTHONPATH=os.pathsep.join(
+                [str(ROOT / "benchmarks" / "_site"), str(ROOT / "src"), str(ROOT)]
+            ),
+            BENCH_HIDDEN_MODULES=",".join(self.hidden_modules),
             PYTHONDONTWRITEBYTECODE="1",
             BENCH_CONTENDER=contender,
             BENCH_BROKER=self.broker_url,
@@ -148,7 +162,11 @@ class Bench:
         """Run ``python -m benchmarks.producer ...`` in a fresh process; its JSON result."""
         done = subprocess.run(
             [PYTHON, "-m", "benchmarks.producer", *argv],
-            cwd=ROOT, env=env, capture_output=True, timeout=timeout, check=False,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
         if done.returncode != 0:
             raise RuntimeError(
@@ -158,18 +176,37 @@ class Bench:
         return json.loads(done.stdout.decode().strip().splitlines()[-1])
 
     @contextmanager
-    def worker(self, env: dict[str, str], queue: str, pool: str) -> Iterator[subprocess.Popen[bytes]]:
+    def worker(
+        self, env: dict[str, str], queue: str, pool: str
+    ) -> Iterator[subprocess.Popen[bytes]]:
         log_path = self.workdir / f"worker-{queue}.log"
         extra = ["-c", "2"] if pool == "prefork" else []
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 [
-                    PYTHON, "-m", "celery", "-A", "benchmarks.app", "worker",
-                    "-P", pool, *extra, "-Q", queue, "-n", f"{queue}@%h",
-                    "-l", self.args.worker_loglevel,
-                    "--without-mingle", "--without-gossip", "--without-heartbeat",
+                    PYTHON,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "benchmarks.app",
+                    "worker",
+                    "-P",
+                    pool,
+                    *extra,
+                    "-Q",
+                    queue,
+                    "-n",
+                    f"{queue}@%h",
+                    "-l",
+                    self.args.worker_loglevel,
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--without-heartbeat",
                 ],
-                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
         try:
             yield process
@@ -179,7 +216,9 @@ class Bench:
                 print(f"  worker exited {process.returncode}; log: {log_path}", file=sys.stderr)
 
     def cleanup(self, queue: str, key: str) -> None:
-        self.broker.delete(queue)
+        """Delete what one measurement left in Redis (and nothing else: the
+        databases may be shared)."""
+        self.broker.delete(queue, f"_kombu.binding.{queue}", key)
         self.results.delete(key)
 
     # -- workloads ------------------------------------------------------------------
@@ -189,7 +228,10 @@ class Bench:
         try:
             result = self.python(
                 self.env(contender, queue=queue),
-                "publish", str(self.args.n_publish), mode, str(self.args.per_parent),
+                "publish",
+                str(self.args.n_publish),
+                mode,
+                str(self.args.per_parent),
             )
         finally:
             self.cleanup(queue, "")
@@ -200,8 +242,14 @@ class Bench:
         key = f"marks-{queue}"
         n = self.args.n_worker
         try:
-            self.python(self.env(contender, queue=queue), "fill", queue, str(n), key,
-                        str(self.args.per_parent))
+            self.python(
+                self.env(contender, queue=queue),
+                "fill",
+                queue,
+                str(n),
+                key,
+                str(self.args.per_parent),
+            )
             env = self.env(contender, queue=queue, pool=pool, sink_down=sink_down)
             deadline = time.monotonic() + 120 + n / 50
             with self.worker(env, queue, pool) as process:
@@ -220,6 +268,7 @@ class Bench:
         result = {
             "tasks_per_s": n / (end["wall"] - start["wall"]),
             "peak_rss_mb": end["vmhwm"] / 1024,
+            "start_rss_mb": start["vmrss"] / 1024,
             "rss_growth_mb": (end["vmrss"] - mid["vmrss"]) / 1024,
         }
         if pool == "solo" and "cpu_after_flush" in end:
@@ -231,8 +280,9 @@ class Bench:
         key = f"probe-{queue}"
         try:
             with self.worker(self.env(contender, queue=queue), queue, "solo"):
-                result = self.python(self.env(contender, queue=queue), "latency",
-                                     str(self.args.n_latency), key)
+                result = self.python(
+                    self.env(contender, queue=queue), "latency", str(self.args.n_latency), key
+                )
         finally:
             self.cleanup(queue, key)
         return {"latency_ms": statistics.median(result["seconds"]) * 1e3}
@@ -279,16 +329,33 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for name in ("celery", "kombu", "redis", "langfuse", "opentelemetry-sdk",
-                 "opentelemetry-instrumentation-celery", "sentry-sdk"):
+    for name in (
+        "celery",
+        "kombu",
+        "redis",
+        "langfuse",
+        "opentelemetry-sdk",
+        "opentelemetry-instrumentation-celery",
+        "sentry-sdk",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=ROOT,
-                           capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "src", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -310,11 +377,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     }
     load_before = os.getloadavg()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="celery-langfuse-bench-") as tmp, \
-            Bench(args, Path(tmp)).running() as bench:
+    with (
+        tempfile.TemporaryDirectory(prefix="celery-langfuse-bench-") as tmp,
+        Bench(args, Path(tmp)).running() as bench,
+    ):
         for rep in range(args.reps):
-            order = args.contenders[rep % len(args.contenders):] + \
-                args.contenders[:rep % len(args.contenders)]
+            order = (
+                args.contenders[rep % len(args.contenders) :]
+                + args.contenders[: rep % len(args.contenders)]
+            )
             for workload in args.workloads:
                 for contender in order:
                     if workload == "sink-down" and contender == "plain":
@@ -322,9 +393,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                     t0 = time.monotonic()
                     result = bench.measure(workload, contender)
                     samples[workload][contender].append(result)
-                    print(f"rep {rep + 1}/{args.reps} {workload:<12} {contender:<16} "
-                          f"{_brief(result)}  ({time.monotonic() - t0:.1f} s)", flush=True)
+                    print(
+                        f"rep {rep + 1}/{args.reps} {workload:<12} {contender:<16} "
+                        f"{_brief(result)}  ({time.monotonic() - t0:.1f} s)",
+                        flush=True,
+                    )
         sink_stats = bench.sink_stats()
+        hidden = bench.hidden_modules
     doc = {
         "command": command,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -333,6 +408,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "load_average_after": os.getloadavg(),
         "seconds": round(time.monotonic() - started, 1),
         "sink": sink_stats,
+        "hidden_modules": hidden,
         "samples": samples,
         "summary": report.summarise(samples, args.contenders),
     }
