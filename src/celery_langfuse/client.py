@@ -51,14 +51,23 @@ def get_langfuse() -> langfuse.Langfuse:
     return client
 
 
-@contextmanager
-def attached(ctx: otel_context.Context) -> Iterator[None]:
-    """Make ``ctx`` the current OTel context for the duration of the block."""
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+class attached:  # lower case: used like the function-style context managers beside it
+    """Make ``ctx`` the current OTel context for the duration of the block.
+
+    A class rather than ``@contextmanager``: every task run enters two of these, and a
+    generator-based context manager costs several times as much.
+    """
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: otel_context.Context) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(self._ctx)
+
+    def __exit__(self, *_: object) -> None:
+        otel_context.detach(self._token)
 
 
 def _shutdown_at_exit() -> None:
@@ -154,10 +163,9 @@ def current_trace_attributes(ctx: Optional[otel_context.Context] = None) -> Trac
     current context)."""
     if ctx is None:
         ctx = otel_context.get_current()
-    user_id, session_id, tags, trace_name, environment, metadata = (
-        ctx.get(key)
-        for key in (_USER_ID, _SESSION_ID, _TAGS, _TRACE_NAME, _TRACE_ENVIRONMENT, _TRACE_METADATA)
-    )
+    user_id, session_id, tags = ctx.get(_USER_ID), ctx.get(_SESSION_ID), ctx.get(_TAGS)
+    trace_name, environment = ctx.get(_TRACE_NAME), ctx.get(_TRACE_ENVIRONMENT)
+    metadata = ctx.get(_TRACE_METADATA)
     if not (user_id or session_id or tags or trace_name or environment or metadata):
         return _NO_TRACE_ATTRIBUTES  # the usual case: nothing propagated
     return TraceAttributes(
@@ -211,8 +219,9 @@ def _json_or_raw(value: str) -> Any:
 # (payload.capture), so they create their observations here instead: on the SDK's own
 # tracer, so the SDK's span processor still copies propagated attributes, marks app
 # roots and applies its export filter, and with the attributes the SDK would write.
-# Not done here: media upload (captured payloads are cut to a budget, so an embedded
-# file would arrive truncated anyway). The client's `mask`, if set, is applied.
+# The client's `mask`, if set, is applied here as the SDK would; media embedded in the
+# payloads is still found and uploaded by the SDK's exporter, which scans every
+# attribute of every span it exports.
 
 _TYPE = "langfuse.observation.type"
 _INPUT = "langfuse.observation.input"
@@ -256,14 +265,18 @@ class Observation:
             return
         attributes: dict[str, Any] = {}
         if input is not None:
-            attributes[_INPUT] = self._json(input)
+            attributes[_INPUT] = _json(input, self._mask)
         if output is not None:
-            attributes[_OUTPUT] = self._json(output)
+            attributes[_OUTPUT] = _json(output, self._mask)
         if metadata:
-            # One key each, so a later update adds to the metadata set at the start.
-            for key, value in self._masked(metadata).items():
-                if value is not None:
-                    attributes[f"{_METADATA}.{key}"] = _dumps(value)
+            masked = _masked(metadata, self._mask)
+            if isinstance(masked, dict):
+                # One key each, so this adds to the metadata set at the start.
+                for key, value in masked.items():
+                    if value is not None:
+                        attributes[f"{_METADATA}.{key}"] = _encode(value)
+            else:
+                attributes[_METADATA] = _encode(masked)
         if level is not None:
             attributes[_LEVEL] = level
         if status_message is not None:
@@ -276,18 +289,6 @@ class Observation:
     def end(self) -> None:
         self.span.end()
 
-    def _masked(self, value: Any) -> Any:
-        if self._mask is None:
-            return value
-        try:
-            return self._mask(data=value)
-        except Exception:
-            log.debug("celery-langfuse: the Langfuse mask function failed", exc_info=True)
-            return "<fully masked due to failed mask function>"
-
-    def _json(self, value: Any) -> str:
-        value = self._masked(value)
-        return value if isinstance(value, str) else _dumps(value)
 
 
 def start_observation(
@@ -306,22 +307,24 @@ def start_observation(
     :func:`context_with` for that.
     """
     client = get_langfuse()
+    mask = getattr(client, "_mask", None)
+    # Everything known at the start goes in with the span: one pass over the attributes.
+    attributes = dict(_static_attributes(client))
+    if input is not None:
+        attributes[_INPUT] = _json(input, mask)
+    if metadata:
+        # The whole object in one attribute: Langfuse reads it as the metadata and
+        # overlays any `langfuse.observation.metadata.<key>` set later.
+        attributes[_METADATA] = _encode(_masked(metadata, mask))
+    if level is not None:
+        attributes[_LEVEL] = level
+    if status_message is not None:
+        attributes[_STATUS_MESSAGE] = status_message
     tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer, its scope and processor
-    span = tracer.start_span(name, context=context, attributes=_static_attributes(client))
-    observation = Observation(span, getattr(client, "_mask", None))
-    if span.is_recording():
-        attributes: dict[str, Any] = {}
-        if input is not None:
-            attributes[_INPUT] = observation._json(input)
-        if metadata:
-            # The whole object in one attribute: Langfuse reads it as the metadata and
-            # overlays any `langfuse.observation.metadata.<key>` set later.
-            attributes[_METADATA] = _dumps(observation._masked(metadata))
-        if attributes:
-            span.set_attributes(attributes)
-        if level is not None or status_message is not None:
-            observation.update(level=level, status_message=status_message)
-    return observation
+    span = tracer.start_span(name, context=context, attributes=attributes)
+    if level == "ERROR":
+        span.set_status(Status(StatusCode.ERROR, description=status_message))
+    return Observation(span, mask)
 
 
 def context_with(
@@ -356,9 +359,26 @@ def _static_attributes(client: Any) -> dict[str, str]:
     return cached[1]
 
 
-def _dumps(value: Any) -> str:
-    # Payloads come from payload.capture (JSON types only); `default=str` guards the rest.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+# Payloads come from payload.capture (JSON types only); `default=str` guards the rest.
+# One encoder for all: `json.dumps` with options builds a new one on every call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+def _masked(value: Any, mask: Any) -> Any:
+    """``value`` through the Langfuse client's ``mask`` function, as the SDK applies it."""
+    if mask is None:
+        return value
+    try:
+        return mask(data=value)
+    except Exception:
+        log.debug("celery-langfuse: the Langfuse mask function failed", exc_info=True)
+        return "<fully masked due to failed mask function>"
+
+
+def _json(value: Any, mask: Any) -> str:
+    value = _masked(value, mask)
+    return value if isinstance(value, str) else _encode(value)
+
 
 # -- cron runs -----------------------------------------------------------------------
 #

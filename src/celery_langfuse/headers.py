@@ -196,16 +196,29 @@ def extract(headers: Mapping[str, Any]) -> Extracted:
     """Read the wire format back, tolerating anything: bad values are dropped."""
     return Extracted(
         parent=_parent_from(headers),
-        attributes=TraceAttributes(
-            user_id=_short_string(headers, USER_ID),
-            session_id=_short_string(headers, SESSION_ID),
-            tags=_tags(headers),
-            trace_name=_short_string(headers, TRACE_NAME),
-            environment=_environment(headers),
-            metadata=_metadata(headers),
-        ),
+        attributes=_attributes_from(headers),
         published_at=_timestamp(headers, PUBLISHED_AT),
         cron=_cron_run(headers),
+    )
+
+
+_NO_ATTRIBUTES = TraceAttributes()
+_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
+
+
+def _attributes_from(headers: Mapping[str, Any]) -> TraceAttributes:
+    for name in _ATTRIBUTE_HEADERS:
+        if headers.get(name) is not None:
+            break
+    else:
+        return _NO_ATTRIBUTES  # most messages carry none: skip the validation
+    return TraceAttributes(
+        user_id=_short_string(headers, USER_ID),
+        session_id=_short_string(headers, SESSION_ID),
+        tags=_tags(headers),
+        trace_name=_short_string(headers, TRACE_NAME),
+        environment=_environment(headers),
+        metadata=_metadata(headers),
     )
 
 

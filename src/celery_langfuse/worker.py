@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -122,39 +122,26 @@ class RunRegistry:
             return run
 
 
-class RequestHeaders(Mapping[str, Any]):
-    """The trace headers of a running task's request.
+def request_headers(request: Any) -> dict[str, Any]:
+    """The trace headers of a task's request, as a plain dict.
 
     A real worker delivers custom message headers both as ``request.headers`` and as
-    request attributes; eager runs only in ``request.headers``. Reads try both.
+    request attributes; eager runs only in ``request.headers``. Reads try both. Header
+    names are not identifiers ("x-langfuse-trace-id"), so as request attributes they can
+    only be entries of the instance dict: reading that dict avoids an AttributeError
+    for every header a message does not carry, on every task.
     """
-
-    __slots__ = ("_headers", "_request")
-
-    def __init__(self, request: Any) -> None:
-        self._request = request
-        custom = getattr(request, "headers", None)
-        self._headers: Mapping[str, Any] = custom if isinstance(custom, Mapping) else {}
-
-    def get(self, name: str, default: Any = None) -> Any:
-        # Overrides Mapping.get, which goes through KeyError: most trace headers are
-        # absent from most messages, and this runs for each of them on every task.
-        value = self._headers.get(name)
+    custom = getattr(request, "headers", None)
+    delivered: Mapping[str, Any] = custom if isinstance(custom, Mapping) else {}
+    attributes: Mapping[str, Any] = getattr(request, "__dict__", None) or {}
+    found = {}
+    for name in headers.ALL_HEADERS:
+        value = delivered.get(name)
         if value is None:
-            value = getattr(self._request, name, None)
-        return default if value is None else value
-
-    def __getitem__(self, name: str) -> Any:
-        value = self.get(name)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(headers.ALL_HEADERS)
-
-    def __len__(self) -> int:
-        return len(headers.ALL_HEADERS)
+            value = attributes.get(name)
+        if value is not None:
+            found[name] = value
+    return found
 
 
 class WorkerTracing:
@@ -251,7 +238,7 @@ class WorkerTracing:
         name = getattr(request, "task", None)
         self._record_unrun(
             name if isinstance(name, str) else "task",
-            RequestHeaders(request),
+            request_headers(request),
             getattr(request, "id", None),
             "WARNING",
             status,
@@ -283,25 +270,30 @@ class WorkerTracing:
 
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
-        extracted = headers.extract(RequestHeaders(request))
+        extracted = headers.extract(request_headers(request))
         cron = _cron_health(extracted, task_id, request)
+        attributes = extracted.attributes
+        # The parent's context is attached only when trace attributes must be
+        # propagated inside it; otherwise the run starts in it and is attached with it.
+        parent = extracted.parent.context() if extracted.parent is not None else None
+        if parent is None and not otel_trace.get_current_span().get_span_context().is_valid:
+            # A new trace: name it after the task unless the producer named it.
+            attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
         scope = ExitStack()
         try:
-            attributes = extracted.attributes
-            if extracted.parent is not None:
-                scope.enter_context(client.attached(extracted.parent.context()))
-            elif not otel_trace.get_current_span().get_span_context().is_valid:
-                # A new trace: name it after the task unless the producer named it.
-                attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
             if attributes:
+                if parent is not None:
+                    scope.enter_context(client.attached(parent))
+                    parent = None
                 scope.enter_context(client.propagated(attributes))
             observation = client.start_observation(
                 task.name,
+                context=parent,
                 input=self._capture_input(args, kwargs),
                 metadata=_run_metadata(task_id, request, extracted.published_at, cron),
             )
             scope.callback(observation.end)
-            scope.enter_context(client.attached(client.context_with(observation)))
+            scope.enter_context(client.attached(client.context_with(observation, parent)))
         except BaseException:
             scope.close()
             raise
@@ -316,9 +308,10 @@ class WorkerTracing:
     def _capture_input(self, args: Any, kwargs: Any) -> Any:
         if not self.config.capture_input:
             return None
+        limit = self.config.max_payload_chars
         return {
-            "args": capture(list(args or ()), self.config.max_payload_chars),
-            "kwargs": capture(dict(kwargs or {}), self.config.max_payload_chars),
+            "args": capture(list(args), limit) if args else [],
+            "kwargs": capture(dict(kwargs), limit) if kwargs else {},
         }
 
     def _record_unrun(
