@@ -13,6 +13,7 @@ process that runs it), ``probe`` (records when a task started, for latency).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
@@ -43,6 +44,25 @@ contenders.setup(
 )
 
 _results: Optional[Redis] = None
+
+# Garbage collection, counted per generation: its cost grows with the heap (every
+# library a tracer imports) and with the objects each task allocates.
+_gc_seconds = [0.0, 0.0, 0.0]
+_gc_runs = [0, 0, 0]
+_gc_started = 0.0
+
+
+def _time_gc(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        generation = info["generation"]
+        _gc_seconds[generation] += time.perf_counter() - _gc_started
+        _gc_runs[generation] += 1
+
+
+gc.callbacks.append(_time_gc)
 
 
 def results() -> Redis:
@@ -75,6 +95,9 @@ def mark(key: str, label: str, flush: bool = False) -> None:
         "wall": time.time(),
         "cpu": time.process_time(),
         "pid": os.getpid(),
+        "gc_seconds": list(_gc_seconds),
+        "gc_runs": list(_gc_runs),
+        "gc_objects": len(gc.get_objects()) if label == "start" else None,
     }
     if flush and os.environ.get("BENCH_SINK_DOWN") != "1":
         # Count the exporter's work for the tasks just run: it is part of their cost.

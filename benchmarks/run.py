@@ -141,7 +141,7 @@ class Bench:
         sink = f"http://127.0.0.1:{self.closed_port if sink_down else self.sink_port}"
         env.update(
             PYTHONPATH=os.pathsep.join(
-                [str(ROOT / "benchmarks" / "_site"), str(ROOT / "src"), str(ROOT)]
+                [os.environ.get("BENCH_SITE_DIR", str(ROOT / "benchmarks" / "_site")), str(ROOT / "src"), str(ROOT)]
             ),
             BENCH_HIDDEN_MODULES=",".join(self.hidden_modules),
             PYTHONDONTWRITEBYTECODE="1",
@@ -271,6 +271,11 @@ class Bench:
             "start_rss_mb": start["vmrss"] / 1024,
             "rss_growth_mb": (end["vmrss"] - mid["vmrss"]) / 1024,
         }
+        result["gc_us_per_task"] = (sum(end["gc_seconds"]) - sum(start["gc_seconds"])) / n * 1e6
+        result["gc_runs_per_1000_tasks"] = [
+            (e - s) / n * 1000 for e, s in zip(end["gc_runs"], start["gc_runs"])
+        ]
+        result["heap_objects"] = start["gc_objects"]
         if pool == "solo" and "cpu_after_flush" in end:
             result["cpu_us_per_task"] = (end["cpu_after_flush"] - start["cpu"]) / n * 1e6
         return result
@@ -421,7 +426,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _brief(result: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.3g}" for k, v in result.items())
+    def text(value: Any) -> str:
+        if isinstance(value, list):
+            return "/".join(f"{v:.3g}" for v in value)
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    return " ".join(f"{k}={text(v)}" for k, v in result.items())
 
 
 if __name__ == "__main__":
