@@ -128,6 +128,8 @@ class Extracted:
     parent: Optional[TraceParent]
     attributes: TraceAttributes
     published_at: Optional[float]
+    #: Names of trace headers that were present but invalid, and so ignored.
+    malformed: tuple[str, ...] = ()
 
 
 def inject(
@@ -162,121 +164,134 @@ def inject(
 
 
 def extract(headers: Mapping[str, Any]) -> Extracted:
-    """Read the wire format back, tolerating anything: bad values are dropped."""
+    """Read the wire format back, tolerating anything: bad values are dropped, and
+    their header names listed in :attr:`Extracted.malformed`."""
+    reader = _Reader(headers)
     return Extracted(
-        parent=_parent_from(headers),
+        parent=reader.parent(),
         attributes=TraceAttributes(
-            user_id=_short_string(headers, USER_ID),
-            session_id=_short_string(headers, SESSION_ID),
-            tags=_tags(headers),
-            trace_name=_short_string(headers, TRACE_NAME),
-            environment=_environment(headers),
-            metadata=_metadata(headers),
+            user_id=reader.short_string(USER_ID),
+            session_id=reader.short_string(SESSION_ID),
+            tags=reader.tags(),
+            trace_name=reader.short_string(TRACE_NAME),
+            environment=reader.environment(),
+            metadata=reader.metadata(),
         ),
-        published_at=_timestamp(headers, PUBLISHED_AT),
+        published_at=reader.timestamp(PUBLISHED_AT),
+        malformed=tuple(reader.malformed),
     )
 
 
-def _parent_from(headers: Mapping[str, Any]) -> Optional[TraceParent]:
-    # Our own ids first: they name an observation Langfuse received. A traceparent
-    # rewritten by another instrumentation may point at a span Langfuse never sees.
-    trace_id = _matching(headers, TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
-    parent_id = _matching(headers, PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
-    if trace_id and parent_id:
-        return TraceParent(trace_id, parent_id, sampled=True, from_langfuse=True)
-    raw = headers.get(TRACEPARENT)
-    if raw is None:
-        return None
-    match = _TRACEPARENT_RE.fullmatch(raw.strip().lower()) if isinstance(raw, str) else None
-    if (
-        match is None
-        or match.group(1) == "ff"
-        or match.group(2) == _ZERO_TRACE_ID
-        or match.group(3) == _ZERO_SPAN_ID
-    ):
-        log.debug("ignoring malformed %s header: %.100r", TRACEPARENT, raw)
-        return None
-    sampled = bool(int(match.group(4), 16) & 0x01)
-    return TraceParent(match.group(2), match.group(3), sampled=sampled)
+class _Reader:
+    """Validates one message's trace headers, noting every header it had to drop."""
 
+    def __init__(self, headers: Mapping[str, Any]) -> None:
+        self._headers = headers
+        self.malformed: list[str] = []
 
-def _matching(headers: Mapping[str, Any], name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        value = raw.strip().lower()
-        if pattern.fullmatch(value) and value != zero:
-            return value
-    log.debug("ignoring malformed %s header: %.100r", name, raw)
-    return None
+    def _get(self, name: str) -> Any:
+        return self._headers.get(name)
 
-
-def _short_string(headers: Mapping[str, Any], name: str) -> Optional[str]:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, str) and 0 < len(raw) <= _MAX_ATTRIBUTE_CHARS and raw.isascii():
-        return raw
-    log.debug("ignoring malformed %s header: %.100r", name, raw)
-    return None
-
-
-def _environment(headers: Mapping[str, Any]) -> Optional[str]:
-    raw = headers.get(ENVIRONMENT)
-    if raw is None:
-        return None
-    if isinstance(raw, str) and _ENVIRONMENT_RE.fullmatch(raw):
-        return raw
-    log.debug("ignoring malformed %s header: %.100r", ENVIRONMENT, raw)
-    return None
-
-
-def _json_header(headers: Mapping[str, Any], name: str) -> Any:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):  # "[[[[..." nests past the parser's limit
-            pass
-    log.debug("ignoring malformed %s header: %.100r", name, raw)
-    return None
-
-
-def _tags(headers: Mapping[str, Any]) -> tuple[str, ...]:
-    value = _json_header(headers, TAGS)
-    if not isinstance(value, list):
-        return ()
-    return tuple(
-        tag
-        for tag in value[:_MAX_TAGS]
-        if isinstance(tag, str) and 0 < len(tag) <= _MAX_ATTRIBUTE_CHARS
-    )
-
-
-def _metadata(headers: Mapping[str, Any]) -> dict[str, str]:
-    value = _json_header(headers, METADATA)
-    if not isinstance(value, dict):
-        return {}
-    return {
-        key: item
-        for key, item in list(value.items())[:_MAX_METADATA_KEYS]
-        if isinstance(key, str)
-        and key.isascii()
-        and isinstance(item, str)
-        and len(item) <= _MAX_ATTRIBUTE_CHARS
-    }
-
-
-def _timestamp(headers: Mapping[str, Any], name: str) -> Optional[float]:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
+    def _drop(self, name: str, raw: Any) -> None:
+        self.malformed.append(name)
         log.debug("ignoring malformed %s header: %.100r", name, raw)
+
+    def parent(self) -> Optional[TraceParent]:
+        # Our own ids first: they name an observation Langfuse received. A traceparent
+        # rewritten by another instrumentation may point at a span Langfuse never sees.
+        trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
+        parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
+        if trace_id and parent_id:
+            return TraceParent(trace_id, parent_id, sampled=True, from_langfuse=True)
+        raw = self._get(TRACEPARENT)
+        if raw is None:
+            return None
+        match = _TRACEPARENT_RE.fullmatch(raw.strip().lower()) if isinstance(raw, str) else None
+        if (
+            match is None
+            or match.group(1) == "ff"
+            or match.group(2) == _ZERO_TRACE_ID
+            or match.group(3) == _ZERO_SPAN_ID
+        ):
+            self._drop(TRACEPARENT, raw)
+            return None
+        sampled = bool(int(match.group(4), 16) & 0x01)
+        return TraceParent(match.group(2), match.group(3), sampled=sampled)
+
+    def _matching(self, name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
+        raw = self._get(name)
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            value = raw.strip().lower()
+            if pattern.fullmatch(value) and value != zero:
+                return value
+        self._drop(name, raw)
         return None
-    return value if math.isfinite(value) and value > 0 else None
+
+    def short_string(self, name: str) -> Optional[str]:
+        raw = self._get(name)
+        if raw is None:
+            return None
+        if isinstance(raw, str) and 0 < len(raw) <= _MAX_ATTRIBUTE_CHARS and raw.isascii():
+            return raw
+        self._drop(name, raw)
+        return None
+
+    def environment(self) -> Optional[str]:
+        raw = self._get(ENVIRONMENT)
+        if raw is None:
+            return None
+        if isinstance(raw, str) and _ENVIRONMENT_RE.fullmatch(raw):
+            return raw
+        self._drop(ENVIRONMENT, raw)
+        return None
+
+    def _json(self, name: str) -> Any:
+        raw = self._get(name)
+        if raw is None:
+            return None
+        if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
+            try:
+                return json.loads(raw)
+            except (ValueError, RecursionError):  # "[[[[..." nests past the parser's limit
+                pass
+        self._drop(name, raw)
+        return None
+
+    def tags(self) -> tuple[str, ...]:
+        value = self._json(TAGS)
+        if not isinstance(value, list):
+            return ()
+        return tuple(
+            tag
+            for tag in value[:_MAX_TAGS]
+            if isinstance(tag, str) and 0 < len(tag) <= _MAX_ATTRIBUTE_CHARS
+        )
+
+    def metadata(self) -> dict[str, str]:
+        value = self._json(METADATA)
+        if not isinstance(value, dict):
+            return {}
+        return {
+            key: item
+            for key, item in list(value.items())[:_MAX_METADATA_KEYS]
+            if isinstance(key, str)
+            and key.isascii()
+            and isinstance(item, str)
+            and len(item) <= _MAX_ATTRIBUTE_CHARS
+        }
+
+    def timestamp(self, name: str) -> Optional[float]:
+        raw = self._get(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
+            self._drop(name, raw)
+            return None
+        if math.isfinite(value) and value > 0:
+            return value
+        self._drop(name, raw)
+        return None
