@@ -8,7 +8,9 @@ current span, so everything the task does (nested tasks, LLM calls) nests inside
 
 Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; nothing
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
-recorded as a short observation in the consumer process, so their trace shows why.
+recorded as a short observation in the consumer process, so their trace shows why; so
+are runs whose pool process died (SIGKILL, out of memory, hard time limit), since their
+own observation died with that process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from celery import states
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
@@ -149,11 +152,29 @@ class WorkerTracing:
             warn_rate_limited(log, "prerun", "celery-langfuse: could not start tracing task %s", task_id)
 
     def on_task_failure(
-        self, task_id: Optional[str] = None, einfo: Any = None, **_: Any
+        self,
+        sender: Any = None,
+        task_id: Optional[str] = None,
+        exception: Any = None,
+        einfo: Any = None,
+        **_: Any,
     ) -> None:
         run = self.runs.peek(task_id) if task_id else None
-        if run is not None and einfo is not None:
-            run.traceback = str(getattr(einfo, "traceback", "") or "")[-self.config.max_payload_chars :]
+        if run is not None:
+            if einfo is not None:
+                run.traceback = str(getattr(einfo, "traceback", "") or "")[
+                    -self.config.max_payload_chars :
+                ]
+        elif isinstance(exception, _PROCESS_DIED) and task_id:
+            # Sent in the main worker process: the pool child that ran the task was
+            # killed (SIGKILL, OOM, hard time limit) and its open run died with it.
+            self._record_unrun(
+                getattr(sender, "name", None) or "task",
+                _request_headers(sender, task_id),
+                task_id,
+                "ERROR",
+                f"the process running it died: {_describe(exception)}",
+            )
 
     def on_task_postrun(
         self,
@@ -238,7 +259,7 @@ class WorkerTracing:
 
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
-        extracted = headers.extract(RequestHeaders(request))
+        extracted = _extract(RequestHeaders(request), task_id)
         scope = ExitStack()
         try:
             attributes = extracted.attributes
@@ -284,7 +305,7 @@ class WorkerTracing:
         status: str,
     ) -> None:
         try:
-            extracted = headers.extract(message_headers)
+            extracted = _extract(message_headers, task_id)
             with ExitStack() as scope:
                 if extracted.parent is not None:
                     scope.enter_context(_attached(extracted.parent.context()))
@@ -302,6 +323,21 @@ class WorkerTracing:
 
 
 _HOSTNAME = socket.gethostname()
+_PROCESS_DIED = (WorkerLostError, TimeLimitExceeded)
+
+
+def _extract(message_headers: Mapping[str, Any], task_id: Any) -> headers.Extracted:
+    extracted = headers.extract(message_headers)
+    if extracted.malformed:
+        warn_rate_limited(
+            log,
+            "malformed-headers",
+            "celery-langfuse: ignoring malformed trace header(s) %s of task %s; "
+            "its run starts a fresh trace or loses those attributes",
+            ", ".join(sorted(set(extracted.malformed))),
+            task_id,
+        )
+    return extracted
 
 
 @contextmanager
@@ -374,3 +410,13 @@ def _describe_retry(retry: Any) -> str:
 
 def _dict_headers(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def _request_headers(task: Any, task_id: str) -> Mapping[str, Any]:
+    # For a lost worker Celery puts the failed request on the task's request stack
+    # while it sends task_failure; for a hard time limit it does not, and the run is
+    # recorded in a trace of its own.
+    request = getattr(task, "request", None)
+    if getattr(request, "id", None) == task_id:
+        return RequestHeaders(request)
+    return {}

@@ -104,3 +104,15 @@ def slow(seconds: float) -> float:
 def header_probe(self) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """The custom headers this run received, as the task sees them."""
     return {k: v for k, v in (self.request.headers or {}).items() if k.startswith("x-")}
+
+
+@app.task
+def report_pid_and_sleep(key: str, seconds: float) -> int:
+    """Write this process's pid to Redis under ``key``, then sleep: a test kills it."""
+    import time
+
+    from redis import Redis
+
+    Redis.from_url(BROKER).set(key, os.getpid(), ex=60)
+    time.sleep(seconds)
+    return os.getpid()
