@@ -66,9 +66,17 @@ def test_malformed_traceparent_means_no_parent(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("trace_id", "parent_id"),
-    [("not-hex" * 5, SPAN_ID), (TRACE_ID, "zz" * 8), ("0" * 32, SPAN_ID), (TRACE_ID[:-1], SPAN_ID), (1, 2)],
+    [
+        ("not-hex" * 5, SPAN_ID),
+        (TRACE_ID, "zz" * 8),
+        ("0" * 32, SPAN_ID),
+        (TRACE_ID[:-1], SPAN_ID),
+        (1, 2),
+    ],
 )
-def test_malformed_langfuse_ids_fall_back_to_traceparent(trace_id: object, parent_id: object) -> None:
+def test_malformed_langfuse_ids_fall_back_to_traceparent(
+    trace_id: object, parent_id: object
+) -> None:
     other_span = "1" * 16
     extracted = headers.extract(
         {
@@ -112,5 +120,11 @@ def test_deeply_nested_json_header_is_dropped() -> None:
 
 
 def test_environment_reserved_prefix_is_rejected() -> None:
-    assert headers.extract({"x-langfuse-environment": "langfuse-internal"}).attributes.environment is None
-    assert headers.extract({"x-langfuse-environment": "prod-eu_1"}).attributes.environment == "prod-eu_1"
+    assert (
+        headers.extract({"x-langfuse-environment": "langfuse-internal"}).attributes.environment
+        is None
+    )
+    assert (
+        headers.extract({"x-langfuse-environment": "prod-eu_1"}).attributes.environment
+        == "prod-eu_1"
+    )

@@ -23,17 +23,31 @@ ADD = "tests.support.tasks.add"
 
 
 def runs_of(capture: CaptureServer, task_ids: set[str]) -> dict[str, Any]:
-    return {o.metadata.get("task_id"): o for o in capture.observations if o.metadata.get("task_id") in task_ids and not o.name.startswith("publish ")}
+    return {
+        o.metadata.get("task_id"): o
+        for o in capture.observations
+        if o.metadata.get("task_id") in task_ids and not o.name.startswith("publish ")
+    }
 
 
-def test_prefork_runs_join_the_producers_trace(tasks_app: Any, capture: CaptureServer, tmp_path: Path) -> None:
+def test_prefork_runs_join_the_producers_trace(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
     with worker_process(capture.env, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker:
         with get_client().start_as_current_observation(name="request") as root:
             with propagate_attributes(user_id="user-1", session_id="sess-1"):
-                results = [tasks_app.spawn_child.apply_async((i,), queue=worker.queue) for i in range(4)]
+                results = [
+                    tasks_app.spawn_child.apply_async((i,), queue=worker.queue) for i in range(4)
+                ]
         for r in results:
             r.get(timeout=20)
-        capture.wait_for(lambda s: len([o for o in s.observations if o.trace_id == root.trace_id and o.name == ADD]) == 4, timeout=20)
+        capture.wait_for(
+            lambda s: (
+                len([o for o in s.observations if o.trace_id == root.trace_id and o.name == ADD])
+                == 4
+            ),
+            timeout=20,
+        )
 
     trace = capture.trace(root.trace_id)
     assert trace.orphans() == []
@@ -43,7 +57,9 @@ def test_prefork_runs_join_the_producers_trace(tasks_app: Any, capture: CaptureS
         assert run.attributes["session.id"] == "sess-1"
 
 
-def test_recycling_children_after_every_task_loses_nothing(tasks_app: Any, capture: CaptureServer, tmp_path: Path) -> None:
+def test_recycling_children_after_every_task_loses_nothing(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
     with worker_process(
         capture.env, "-P", "prefork", "-c", "2", "--max-tasks-per-child", "1", tmp_path=tmp_path
     ) as worker:
@@ -55,7 +71,9 @@ def test_recycling_children_after_every_task_loses_nothing(tasks_app: Any, captu
     assert {run.output for run in runs_of(capture, ids).values()} == {i + i for i in range(8)}
 
 
-def test_warm_shutdown_by_sigterm_loses_nothing(tasks_app: Any, capture: CaptureServer, tmp_path: Path) -> None:
+def test_warm_shutdown_by_sigterm_loses_nothing(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
     with worker_process(capture.env, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker:
         results = [tasks_app.slow.apply_async((0.5,), queue=worker.queue) for _ in range(2)]
         # SIGTERM while both runs are in flight: they finish, then the children exit.
@@ -111,7 +129,11 @@ def closed_port() -> int:
 def test_langfuse_unreachable_tasks_succeed_and_shutdown_meets_the_deadline(
     tasks_app: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
-    down = {**capture.env, "LANGFUSE_BASE_URL": f"http://127.0.0.1:{closed_port()}", "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "2"}
+    down = {
+        **capture.env,
+        "LANGFUSE_BASE_URL": f"http://127.0.0.1:{closed_port()}",
+        "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "2",
+    }
     with worker_process(down, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker:
         results = [tasks_app.spawn_child.apply_async((i,), queue=worker.queue) for i in range(20)]
         children = [tasks_app.app.AsyncResult(r.get(timeout=30)) for r in results]

@@ -10,14 +10,25 @@ from celery_langfuse.headers import TraceAttributes
 from celery_langfuse.testing import CaptureServer
 
 
-def test_propagated_attributes_are_readable_from_the_context(langfuse_capture: CaptureServer) -> None:
-    with get_client().start_as_current_observation(name="contract"):
-        with propagate_attributes(
-            user_id="u", session_id="s", tags=["t"], trace_name="n", environment="staging", metadata={"k": "v"}
-        ):
-            read = client.current_trace_attributes()
+def test_propagated_attributes_are_readable_from_the_context(
+    langfuse_capture: CaptureServer,
+) -> None:
+    with get_client().start_as_current_observation(name="contract"), propagate_attributes(
+        user_id="u",
+        session_id="s",
+        tags=["t"],
+        trace_name="n",
+        environment="staging",
+        metadata={"k": "v"},
+    ):
+        read = client.current_trace_attributes()
     assert read == TraceAttributes(
-        user_id="u", session_id="s", tags=("t",), trace_name="n", environment="staging", metadata={"k": '"v"'}
+        user_id="u",
+        session_id="s",
+        tags=("t",),
+        trace_name="n",
+        environment="staging",
+        metadata={"k": '"v"'},
     ), "langfuse.propagate_attributes no longer stores its values under 'langfuse.propagated.<key>'"
 
 

@@ -55,7 +55,13 @@ def test_task_published_in_an_observation_is_its_child_in_the_same_trace(
         result = worker.add.delay(2, 3)
     assert result.get(timeout=10) == 5
 
-    trace = request_trace(capture, root.trace_id, "request", "publish tests.support.tasks.add", "tests.support.tasks.add")
+    trace = request_trace(
+        capture,
+        root.trace_id,
+        "request",
+        "publish tests.support.tasks.add",
+        "tests.support.tasks.add",
+    )
     request = trace.find("request")
     publish = trace.find("publish tests.support.tasks.add")
     run = trace.find("tests.support.tasks.add")
@@ -81,7 +87,9 @@ def test_user_and_session_cross_the_broker(worker: Any, capture: CaptureServer) 
     assert "checkout" in trace.tags
 
 
-def test_attributes_without_an_observation_still_reach_the_worker(worker: Any, capture: CaptureServer) -> None:
+def test_attributes_without_an_observation_still_reach_the_worker(
+    worker: Any, capture: CaptureServer
+) -> None:
     with propagate_attributes(user_id="user-9", session_id="sess-9"):
         result = worker.add.delay(4, 4)
     result.get(timeout=10)
@@ -106,13 +114,17 @@ def test_publish_with_no_active_trace_starts_a_trace_named_after_the_task(
     assert [o.name for o in trace.observations] == ["tests.support.tasks.add"]
 
 
-def test_failure_is_an_error_with_type_message_and_traceback(worker: Any, capture: CaptureServer) -> None:
+def test_failure_is_an_error_with_type_message_and_traceback(
+    worker: Any, capture: CaptureServer
+) -> None:
     with get_client().start_as_current_observation(name="request") as root:
         result = worker.fail.delay("card declined")
     with pytest.raises(ValueError):
         result.get(timeout=10)
 
-    run = request_trace(capture, root.trace_id, "tests.support.tasks.fail").find("tests.support.tasks.fail")
+    run = request_trace(capture, root.trace_id, "tests.support.tasks.fail").find(
+        "tests.support.tasks.fail"
+    )
     assert run.level == "ERROR"
     assert run.status_message == "ValueError: card declined"
     assert "Traceback" in run.metadata["traceback"]
@@ -137,9 +149,9 @@ def test_autoretry_stays_in_the_same_trace(worker: Any, capture: CaptureServer) 
     with get_client().start_as_current_observation(name="request") as root:
         worker.autoretried.delay(f"autoretry-{uuid.uuid4()}").get(timeout=20)
 
-    runs = request_trace(capture, root.trace_id, "tests.support.tasks.autoretried", "tests.support.tasks.autoretried").find_all(
-        "tests.support.tasks.autoretried"
-    )
+    runs = request_trace(
+        capture, root.trace_id, "tests.support.tasks.autoretried", "tests.support.tasks.autoretried"
+    ).find_all("tests.support.tasks.autoretried")
     assert [r.level for r in runs] == ["WARNING", "DEFAULT"]
 
 
@@ -147,14 +159,18 @@ def test_nested_task_is_a_grandchild_of_the_parent_run(worker: Any, capture: Cap
     with get_client().start_as_current_observation(name="request") as root:
         worker.spawn_child.delay(1).get(timeout=10)
 
-    trace = request_trace(capture, root.trace_id, "tests.support.tasks.spawn_child", "tests.support.tasks.add")
+    trace = request_trace(
+        capture, root.trace_id, "tests.support.tasks.spawn_child", "tests.support.tasks.add"
+    )
     parent_run = trace.find("tests.support.tasks.spawn_child")
     child_publish = trace.find("publish tests.support.tasks.add")
     assert child_publish.parent_id == parent_run.id
     assert trace.find("tests.support.tasks.add").parent_id == child_publish.id
 
 
-def test_chain_links_nest_under_the_run_that_published_them(worker: Any, capture: CaptureServer) -> None:
+def test_chain_links_nest_under_the_run_that_published_them(
+    worker: Any, capture: CaptureServer
+) -> None:
     with get_client().start_as_current_observation(name="request") as root:
         result = chain(worker.add.s(1, 1), worker.add.s(10), worker.add.s(100)).apply_async()
     assert result.get(timeout=15) == 112
@@ -167,7 +183,12 @@ def test_chain_links_nest_under_the_run_that_published_them(worker: Any, capture
 
 def test_group_members_are_siblings_in_one_trace(worker: Any, capture: CaptureServer) -> None:
     with get_client().start_as_current_observation(name="request") as root:
-        assert group(worker.add.s(i, i) for i in range(4)).apply_async().get(timeout=15) == [0, 2, 4, 6]
+        assert group(worker.add.s(i, i) for i in range(4)).apply_async().get(timeout=15) == [
+            0,
+            2,
+            4,
+            6,
+        ]
 
     trace = request_trace(capture, root.trace_id, *["tests.support.tasks.add"] * 4)
     request = trace.find("request")
@@ -180,7 +201,9 @@ def test_chord_header_and_callback_stay_in_the_trace(worker: Any, capture: Captu
         result = chord(group(worker.add.s(i, i) for i in range(3)), worker.total.s()).apply_async()
     assert result.get(timeout=20) == 6
 
-    trace = request_trace(capture, root.trace_id, *["tests.support.tasks.add"] * 3, "tests.support.tasks.total")
+    trace = request_trace(
+        capture, root.trace_id, *["tests.support.tasks.add"] * 3, "tests.support.tasks.total"
+    )
     callback = trace.find("tests.support.tasks.total")
     assert callback.input == {"args": [[0, 2, 4]], "kwargs": {}}
     header_runs = {run.id for run in trace.find_all("tests.support.tasks.add")}
@@ -226,7 +249,9 @@ def test_malformed_trace_headers_still_run_the_task_in_a_fresh_trace(
     assert capture.trace(run.trace_id).orphans() == []
 
 
-def test_eager_run_is_a_child_of_the_callers_observation(tasks_app: Any, capture: CaptureServer) -> None:
+def test_eager_run_is_a_child_of_the_callers_observation(
+    tasks_app: Any, capture: CaptureServer
+) -> None:
     with get_client().start_as_current_observation(name="request") as root:
         assert tasks_app.add.apply((3, 4)).get() == 7
 
@@ -244,16 +269,22 @@ def test_always_eager_app_traces_runs_as_children(tasks_app: Any, capture: Captu
     finally:
         tasks_app.app.conf.task_always_eager = False
 
-    trace = request_trace(capture, root.trace_id, "tests.support.tasks.spawn_child", "tests.support.tasks.add")
+    trace = request_trace(
+        capture, root.trace_id, "tests.support.tasks.spawn_child", "tests.support.tasks.add"
+    )
     outer = trace.find("tests.support.tasks.spawn_child")
     assert trace.find("tests.support.tasks.add").parent_id == outer.id
 
 
-def test_ignore_and_reject_close_the_run_without_an_error(worker: Any, capture: CaptureServer) -> None:
+def test_ignore_and_reject_close_the_run_without_an_error(
+    worker: Any, capture: CaptureServer
+) -> None:
     with get_client().start_as_current_observation(name="request") as root:
         ignored = worker.ignored.delay()
         rejected = worker.rejected.delay()
-    trace = request_trace(capture, root.trace_id, "tests.support.tasks.ignored", "tests.support.tasks.rejected")
+    trace = request_trace(
+        capture, root.trace_id, "tests.support.tasks.ignored", "tests.support.tasks.rejected"
+    )
     assert trace.find("tests.support.tasks.ignored").level == "DEFAULT"
     assert trace.find("tests.support.tasks.ignored").status_message == "ignored"
     assert trace.find("tests.support.tasks.rejected").level == "WARNING"

@@ -31,7 +31,18 @@ _EXPORTS = {
     "uninstall": "install",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ALL_HEADERS",
+    "ConfigurationError",
+    "Installation",
+    "TraceAttributes",
+    "TraceParent",
+    "TracingConfig",
+    "extract",
+    "inject",
+    "install",
+    "uninstall",
+]
 
 
 def __getattr__(name: str) -> Any:

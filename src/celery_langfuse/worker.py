@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from langfuse.types import SpanLevel
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
@@ -301,7 +302,7 @@ class WorkerTracing:
         task_name: str,
         message_headers: Mapping[str, Any],
         task_id: Any,
-        level: str,
+        level: SpanLevel,
         status: str,
     ) -> None:
         try:
@@ -313,7 +314,7 @@ class WorkerTracing:
                 observation = client.get_langfuse().start_observation(
                     name=task_name,
                     as_type="span",
-                    level=level,  # type: ignore[arg-type]
+                    level=level,
                     status_message=status,
                     metadata={"task_id": task_id, "hostname": _HOSTNAME},
                 )
