@@ -8,6 +8,10 @@ fork too, so a client made before the fork also keeps working.
 
 :func:`flush` bounds the SDK's ``flush()``, which has no deadline of its own: a worker
 must never hang at shutdown because Langfuse is unreachable.
+
+In durable mode (:func:`export_durably`) the client is created at ``install()`` with
+an exporter that writes to the durable queue (:mod:`celery_langfuse.durable`), so
+that ``langfuse.get_client()`` in user code, called later, shares it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import langfuse
@@ -34,6 +39,18 @@ _client: Optional[langfuse.Langfuse] = None
 exit_flush_timeout = 3.0
 
 
+@dataclass(frozen=True)
+class DurableExport:
+    """Where durable mode queues spans (the ``durable_*`` settings of ``install``)."""
+
+    url: str
+    queue: str
+    max_bytes: int
+
+
+_durable: Optional[DurableExport] = None
+
+
 def get_langfuse() -> langfuse.Langfuse:
     """The process's Langfuse client, created on first use."""
     global _client
@@ -41,12 +58,56 @@ def get_langfuse() -> langfuse.Langfuse:
     if client is None:
         with _lock:
             if _client is None:
-                _client = langfuse.get_client()
+                _client = _create_client()
                 # Registered after the SDK's own (unbounded) exit hook, so it runs
                 # first; shutting the client down unregisters the SDK's hook.
                 atexit.register(_shutdown_at_exit)
             client = _client
     return client
+
+
+def export_durably(settings: DurableExport) -> None:
+    """Export this process's spans through the durable queue; creates the client now."""
+    global _durable
+    with _lock:
+        if _client is not None and _durable != settings:
+            log.warning(
+                "celery-langfuse: a Langfuse client already exists in this process, so "
+                "export='durable' (queue %r) does not apply to it; install() the app with "
+                "the same settings everywhere, and before any tracing starts",
+                settings.queue,
+            )
+            return
+        _durable = settings
+    get_langfuse()
+
+
+def _create_client() -> langfuse.Langfuse:
+    """The one place this library makes a Langfuse client."""
+    if _durable is None:
+        return langfuse.get_client()
+    from .durable import DurableSpanExporter, SpanQueue
+
+    queue = SpanQueue.from_url(_durable.url, _durable.queue)
+    exporter = DurableSpanExporter(queue, _durable.max_bytes)
+    client = langfuse.Langfuse(span_exporter=exporter)
+    in_use = _span_exporter_of(client)
+    if in_use is not None and in_use is not exporter:
+        log.warning(
+            "celery-langfuse: export='durable' is not in effect: a Langfuse client for "
+            "this public key was created before install(), and the SDK keeps the first "
+            "one; call install() before langfuse.get_client() or Langfuse()"
+        )
+    return client
+
+
+def _span_exporter_of(client: langfuse.Langfuse) -> Any:
+    """The exporter the SDK wired for this client's public key; None without one.
+
+    The SDK has no public accessor; this private read is checked by
+    tests/test_sdk_contract.py, so an SDK change fails there.
+    """
+    return getattr(getattr(client, "_resources", None), "span_exporter", None)
 
 
 def _shutdown_at_exit() -> None:

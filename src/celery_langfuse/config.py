@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Optional
+
+_QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 
 
 class ConfigurationError(ValueError):
@@ -26,6 +29,18 @@ class TracingConfig:
     max_open_runs:
         Upper bound on task runs tracked at once in one process; past it the oldest
         run is closed (level WARNING) so the registry can never grow without bound.
+    export:
+        ``"direct"``: the SDK sends spans to Langfuse itself. ``"durable"``: spans go
+        to a bounded queue in Redis, and ``celery-langfuse forward`` sends them on,
+        deleting each batch only once Langfuse accepted it (docs/reliability.md).
+    durable_url:
+        The Redis that holds the durable queue (``redis://``, ``rediss://`` or
+        ``unix://``); required with ``export="durable"``.
+    durable_queue:
+        Name of the durable queue, so several apps or projects can share one Redis.
+    durable_max_bytes:
+        Upper bound on the span data the durable queue holds; past it the oldest
+        batches are dropped, counted and logged.
     """
 
     capture_input: bool = True
@@ -33,6 +48,10 @@ class TracingConfig:
     max_payload_chars: int = 10_000
     flush_timeout: float = 3.0
     max_open_runs: int = 10_000
+    export: str = "direct"
+    durable_url: Optional[str] = None
+    durable_queue: str = "celery-langfuse"
+    durable_max_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in ("capture_input", "capture_output"):
@@ -54,6 +73,40 @@ class TracingConfig:
             self.max_open_runs,
             _is_int(self.max_open_runs) and self.max_open_runs >= 1,
             "a whole number of at least 1",
+        )
+        self._validate_export()
+
+    def _validate_export(self) -> None:
+        _require(
+            "export", self.export, self.export in ("direct", "durable"), '"direct" or "durable"'
+        )
+        if self.export == "durable":
+            _require(
+                "durable_url",
+                self.durable_url,
+                isinstance(self.durable_url, str)
+                and self.durable_url.startswith(("redis://", "rediss://", "unix://")),
+                'a redis://, rediss:// or unix:// URL when export="durable"',
+            )
+        else:
+            _require(
+                "durable_url",
+                self.durable_url,
+                self.durable_url is None,
+                'unset unless export="durable"',
+            )
+        _require(
+            "durable_queue",
+            self.durable_queue,
+            isinstance(self.durable_queue, str)
+            and _QUEUE_NAME_RE.fullmatch(self.durable_queue) is not None,
+            "1 to 100 letters, digits, '.', '_', ':' or '-'",
+        )
+        _require(
+            "durable_max_bytes",
+            self.durable_max_bytes,
+            _is_int(self.durable_max_bytes) and self.durable_max_bytes >= 1024 * 1024,
+            "a whole number of bytes, at least 1048576 (1 MiB)",
         )
 
     @classmethod

@@ -4,7 +4,9 @@ Celery signals are process-wide, so the handlers are connected once per process 
 serve every installed app; worker-side handlers skip tasks of apps that were not
 installed. Connecting is all ``install`` does: no Langfuse client is created until a
 message is published or a task runs, so it is safe at import time of the app module,
-before a prefork pool forks.
+before a prefork pool forks. The exception is durable mode, which creates the client at
+once so that user code calling ``langfuse.get_client()`` later shares its exporter;
+that is safe before a fork too, as the SDK restarts its threads in the child.
 """
 
 from __future__ import annotations
@@ -88,7 +90,12 @@ def install(app: Celery, **options: Any) -> Installation:
         installation.connect()
         _installations[id(app)] = installation
         client.exit_flush_timeout = max(i.config.flush_timeout for i in _installations.values())
-        return installation
+    if config.export == "durable":
+        assert config.durable_url is not None  # validated by TracingConfig
+        client.export_durably(
+            client.DurableExport(config.durable_url, config.durable_queue, config.durable_max_bytes)
+        )
+    return installation
 
 
 def uninstall(app: Celery) -> None:
