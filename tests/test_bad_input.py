@@ -36,7 +36,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
     max_leaves=20,
 )
 almost_valid_strings = st.one_of(
@@ -57,7 +59,8 @@ almost_valid_strings = st.one_of(
 header_values = json_values | almost_valid_strings
 #: A message's headers: our names (and some others) mapped to anything.
 any_headers = st.dictionaries(
-    st.sampled_from([*headers.ALL_HEADERS, "tracestate", "baggage", "x-other"]) | st.text(max_size=20),
+    st.sampled_from([*headers.ALL_HEADERS, "tracestate", "baggage", "x-other"])
+    | st.text(max_size=20),
     header_values,
     max_size=12,
 )
@@ -65,7 +68,9 @@ any_headers = st.dictionaries(
 
 @given(any_headers)
 @settings(max_examples=400, deadline=None)
-def test_extract_never_raises_and_returns_only_valid_values(message_headers: dict[str, Any]) -> None:
+def test_extract_never_raises_and_returns_only_valid_values(
+    message_headers: dict[str, Any],
+) -> None:
     extracted = headers.extract(message_headers)
 
     if extracted.parent is not None:
@@ -80,7 +85,9 @@ def test_extract_never_raises_and_returns_only_valid_values(message_headers: dic
     assert all(isinstance(tag, str) and 0 < len(tag) <= 200 for tag in attributes.tags)
     assert len(attributes.metadata) <= 50
     assert all(isinstance(v, str) and len(v) <= 200 for v in attributes.metadata.values())
-    assert attributes.environment is None or re.fullmatch(r"[a-z0-9_-]{1,40}", attributes.environment)
+    assert attributes.environment is None or re.fullmatch(
+        r"[a-z0-9_-]{1,40}", attributes.environment
+    )
     assert extracted.published_at is None or extracted.published_at > 0
     assert set(extracted.malformed) <= set(message_headers)
 
@@ -88,13 +95,18 @@ def test_extract_never_raises_and_returns_only_valid_values(message_headers: dic
 @given(
     trace_id=st.text(alphabet=HEX, min_size=32, max_size=32).filter(lambda v: v != "0" * 32),
     parent_id=st.text(alphabet=HEX, min_size=16, max_size=16).filter(lambda v: v != "0" * 16),
-    user_id=st.none() | st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=200),
+    user_id=st.none()
+    | st.text(alphabet=st.characters(max_codepoint=127), min_size=1, max_size=200),
     tags=st.lists(st.text(min_size=1, max_size=200), max_size=50).map(tuple),
     environment=st.none() | st.from_regex(r"(?!langfuse)[a-z0-9_-]{1,40}", fullmatch=True),
 )
 @settings(max_examples=200, deadline=None)
 def test_what_inject_writes_extract_reads_back_unchanged(
-    trace_id: str, parent_id: str, user_id: str | None, tags: tuple[str, ...], environment: str | None
+    trace_id: str,
+    parent_id: str,
+    user_id: str | None,
+    tags: tuple[str, ...],
+    environment: str | None,
 ) -> None:
     attributes = TraceAttributes(user_id=user_id, tags=tags, environment=environment)
     out: dict[str, Any] = {}
@@ -119,13 +131,19 @@ NASTY_HEADERS: list[dict[str, Any]] = [
     {"x-langfuse-tags": '["ok", 1, null, {"x": 1}]', "x-langfuse-metadata": '{"a": [1, 2]}'},
     {"x-langfuse-published-at": 10**400, "x-langfuse-environment": "langfuse-internal"},
     {"x-langfuse-published-at": "nan", "x-langfuse-trace-name": ""},
-    {"x-langfuse-published-at": [], "x-langfuse-trace-id": "0" * 32, "x-langfuse-parent-id": "0" * 16},
+    {
+        "x-langfuse-published-at": [],
+        "x-langfuse-trace-id": "0" * 32,
+        "x-langfuse-parent-id": "0" * 16,
+    },
     {"traceparent": "ff-" + "a" * 32 + "-" + "b" * 16 + "-01", "baggage": "\x00" * 50},
     {"x-langfuse-trace-id": "A" * 32, "x-langfuse-parent-id": "B" * 16},  # valid, upper case
 ]
 
 
-def publish_raw(app: Any, task_name: str, args: tuple[Any, ...], trace_headers: dict[str, Any], queue: str) -> str:
+def publish_raw(
+    app: Any, task_name: str, args: tuple[Any, ...], trace_headers: dict[str, Any], queue: str
+) -> str:
     """Publish a protocol 2 task message with kombu, bypassing before_task_publish."""
     task_id = str(uuid.uuid4())
     message = app.amqp.as_task_v2(task_id, task_name, args, {})
@@ -155,7 +173,11 @@ def quiet_interval() -> Iterator[None]:
 @settings(
     max_examples=4,
     deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 def test_raw_messages_with_any_trace_headers_run_on_an_in_thread_worker(
     tasks_app: Any, capture: CaptureServer, header_sets: list[dict[str, Any]]
@@ -163,7 +185,10 @@ def test_raw_messages_with_any_trace_headers_run_on_an_in_thread_worker(
     queue = tasks_app.QUEUE
     # Values a JSON broker message cannot carry (NaN is fine, integers past 64 bits too).
     with in_thread_worker(tasks_app.app, pool="threads", concurrency=2):
-        ids = [publish_raw(tasks_app.app, "tests.support.tasks.add", (i, 1), h, queue) for i, h in enumerate(header_sets)]
+        ids = [
+            publish_raw(tasks_app.app, "tests.support.tasks.add", (i, 1), h, queue)
+            for i, h in enumerate(header_sets)
+        ]
         results = [tasks_app.app.AsyncResult(task_id).get(timeout=20) for task_id in ids]
     assert results == [i + 1 for i in range(len(header_sets))]
 
@@ -174,7 +199,10 @@ def test_malformed_headers_warn_once_per_interval_and_every_task_runs(
     caplog.set_level(logging.WARNING, logger="celery_langfuse")
     queue = tasks_app.QUEUE
     with in_thread_worker(tasks_app.app):
-        ids = [publish_raw(tasks_app.app, "tests.support.tasks.add", (i, 1), h, queue) for i, h in enumerate(NASTY_HEADERS)]
+        ids = [
+            publish_raw(tasks_app.app, "tests.support.tasks.add", (i, 1), h, queue)
+            for i, h in enumerate(NASTY_HEADERS)
+        ]
         results = [tasks_app.app.AsyncResult(task_id).get(timeout=20) for task_id in ids]
 
     assert results == [i + 1 for i in range(len(NASTY_HEADERS))]
@@ -196,7 +224,9 @@ def test_raw_messages_with_nasty_headers_never_crash_a_prefork_worker(
         ]
         results = [tasks_app.app.AsyncResult(task_id).get(timeout=30) for task_id in ids]
         assert worker.process.poll() is None, worker.log()
-        capture.wait_for(lambda s: {o.metadata.get("task_id") for o in s.observations} >= set(ids), timeout=20)
+        capture.wait_for(
+            lambda s: {o.metadata.get("task_id") for o in s.observations} >= set(ids), timeout=20
+        )
         log = worker.log()
 
     assert results == [i + 1 for i in range(len(ids))]

@@ -394,6 +394,18 @@ class CaptureServer:
         return _latest_copies(received)
 
     @property
+    def deliveries(self) -> dict[str, int]:
+        """How many times each span id was received. Above 1 means the span was sent
+        again (an exporter or forwarder retry); Langfuse, like ``observations``, keeps
+        one copy, so this is the place to see re-sends."""
+        with self._lock:
+            ids = [obs.id for obs in self._received]
+        counts: dict[str, int] = {}
+        for span_id in ids:
+            counts[span_id] = counts.get(span_id, 0) + 1
+        return counts
+
+    @property
     def scores(self) -> list[Score]:
         """Every score received, in arrival order."""
         with self._lock:

@@ -27,7 +27,20 @@ app.conf.update(
     result_expires=300,
 )
 if os.environ.get("CELERY_LANGFUSE_TEST_INSTALL", "1") == "1":
-    install(app, flush_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT", "3")))
+    _durable_url = os.environ.get("CELERY_LANGFUSE_TEST_DURABLE_URL")
+    install(
+        app,
+        flush_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT", "3")),
+        **(
+            {
+                "export": "durable",
+                "durable_url": _durable_url,
+                "durable_queue": os.environ["CELERY_LANGFUSE_TEST_DURABLE_QUEUE"],
+            }
+            if _durable_url
+            else {}
+        ),
+    )
 
 
 @app.task
