@@ -18,7 +18,7 @@ hash tag: every key of one queue lives on one node):
     A hash of counters: ``bytes`` (payload bytes in the stream, what the bound
     counts), ``enqueued_*``, ``forwarded_*``, ``dropped_*`` (removed to respect the
     bound) and ``rejected_*`` (refused by Langfuse for good), each ``_batches`` and
-    ``_spans``.
+    ``_spans``, and ``enqueued_bytes``.
 
 Claim and acknowledge: the forwarders are the stream's consumer group ``forwarders``.
 ``XREADGROUP`` hands each entry to exactly one forwarder, where it stays pending until
@@ -97,6 +97,7 @@ redis.call('XADD', KEYS[1], '*', 'data', ARGV[1], 'spans', spans)
 redis.call('HSET', KEYS[2], 'bytes', held + size)
 redis.call('HINCRBY', KEYS[2], 'enqueued_batches', 1)
 redis.call('HINCRBY', KEYS[2], 'enqueued_spans', spans)
+redis.call('HINCRBY', KEYS[2], 'enqueued_bytes', size)
 if dropped_batches > 0 then
   redis.call('HINCRBY', KEYS[2], 'dropped_batches', dropped_batches)
   redis.call('HINCRBY', KEYS[2], 'dropped_spans', dropped_spans)

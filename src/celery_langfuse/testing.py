@@ -725,11 +725,14 @@ class _CaptureHandler(BaseHTTPRequestHandler):
         headers = {key.lower(): value for key, value in self.headers.items()}
         capture = cast(_CaptureHTTPServer, self.server).capture
         status, reply_headers, reply = capture._serve(method, self.path, headers, body)
-        self.send_response(status)
-        for key, value in {**reply_headers, "Content-Length": str(len(reply))}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(reply)
+        try:
+            self.send_response(status)
+            for key, value in {**reply_headers, "Content-Length": str(len(reply))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting (a slow set_response): as Langfuse would
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet; ``CaptureServer.unhandled`` records what went wrong."""
