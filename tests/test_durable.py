@@ -411,6 +411,32 @@ def test_user_code_calling_get_client_after_install_exports_through_the_queue(
     assert capture.requests == 0  # nothing went to Langfuse directly
 
 
+def test_a_client_made_before_install_is_reported_not_silently_used(
+    queue_name: str, capture: CaptureServer
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        from celery import Celery
+        from langfuse import get_client
+        from celery_langfuse import install
+
+        get_client()  # user code that runs before install()
+        install(Celery("app"), export="durable", durable_url={REDIS_URL!r},
+                durable_queue={queue_name!r})
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **capture.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "export='durable'" in done.stderr
+    assert "does not apply" in done.stderr or "not in effect" in done.stderr
+
+
 def test_2000_tasks_through_a_langfuse_outage_arrive_exactly_once(
     tasks_app: Any, queue: SpanQueue, queue_name: str, capture: CaptureServer, tmp_path: Path
 ) -> None:

@@ -91,8 +91,9 @@ def _create_client() -> langfuse.Langfuse:
     queue = SpanQueue.from_url(_durable.url, _durable.queue)
     exporter = DurableSpanExporter(queue, _durable.max_bytes)
     client = langfuse.Langfuse(span_exporter=exporter)
-    in_use = _span_exporter_of(client)
-    if in_use is not None and in_use is not exporter:
+    # Without `_resources` the client is disabled (no keys) and exports nothing at all.
+    enabled = getattr(client, "_resources", None) is not None
+    if enabled and _span_exporter_of(client) is not exporter:
         log.warning(
             "celery-langfuse: export='durable' is not in effect: a Langfuse client for "
             "this public key was created before install(), and the SDK keeps the first "
