@@ -8,7 +8,9 @@ from celery_langfuse import client, install, uninstall
 
 
 def _publish_receivers() -> int:
-    return len(signals.before_task_publish.receivers)
+    # task_prerun, not before_task_publish: its handler is wrapped per app, so the count
+    # moves even when another installed app already connected the shared publish handler.
+    return len(signals.task_prerun.receivers)
 
 
 def test_install_twice_returns_the_same_installation_and_connects_once() -> None:
@@ -23,6 +25,20 @@ def test_install_twice_returns_the_same_installation_and_connects_once() -> None
     finally:
         uninstall(app)
     assert _publish_receivers() == before
+
+
+def test_uninstalling_one_app_keeps_the_publish_context_of_another() -> None:
+    first, second = Celery("first"), Celery("second")
+    install(first)
+    install(second)
+    try:
+        uninstall(first)
+        headers: dict[str, object] = {}
+        signals.before_task_publish.send(sender="some.task", body=None, headers=headers)
+        assert "x-langfuse-published-at" in headers
+    finally:
+        uninstall(second)
+        uninstall(first)
 
 
 def test_uninstall_of_an_app_never_installed_is_a_no_op() -> None:

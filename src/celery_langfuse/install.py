@@ -104,3 +104,7 @@ def uninstall(app: Celery) -> None:
         installation = _installations.pop(id(app), None)
         if installation is not None:
             installation.disconnect()
+            if _installations:
+                # One publish handler serves every app (a publish names no app to
+                # filter on): the apps still installed keep it.
+                signals.before_task_publish.connect(on_before_task_publish, weak=False)
