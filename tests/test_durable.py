@@ -472,3 +472,21 @@ def test_2000_tasks_through_a_langfuse_outage_arrive_exactly_once(
     stats = queue.stats()
     assert (stats.count("enqueued_spans"), stats.count("forwarded_spans")) == (n, n)
     assert stats.count("dropped_spans") == 0
+
+
+def test_a_forwarder_started_before_redis_answers_waits_for_it(capture: CaptureServer) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    forwarder = Forwarder(
+        SpanQueue.from_url(f"redis://127.0.0.1:{port}/0", "nowhere"),
+        LangfuseEndpoint(capture.base_url, PUBLIC_KEY, SECRET_KEY),
+        max_backoff=0.2,
+    )
+    thread = threading.Thread(target=forwarder.run, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # several failed attempts to join the group, none fatal
+    assert thread.is_alive()
+    forwarder.stop()
+    thread.join(10)
+    assert not thread.is_alive()

@@ -145,25 +145,35 @@ class Forwarder:
     def run(self) -> None:
         """Forward until :meth:`stop`. A batch being retried then stays pending and is
         picked up by this consumer name on restart, or by another forwarder."""
-        self.queue.ensure_group()
         log.info(
             "celery-langfuse forwarder %s: queue %r -> %s",
             self.consumer,
             self.queue.name,
             self.endpoint.url,
         )
+        joined = False
+        while not self.stop_event.is_set():
+            try:
+                if not joined:
+                    self._join()
+                    joined = True
+                self.step()
+            except Exception:
+                # Redis unreachable, most likely, or the queue deleted: wait, join the
+                # group again and carry on; a forwarder never exits on its own.
+                log.warning("celery-langfuse forwarder: queue error; retrying", exc_info=True)
+                joined = False
+                self.stop_event.wait(min(self.max_backoff, 5.0))
+            self._housekeeping()
+
+    def _join(self) -> None:
+        """Create the consumer group if needed, then finish what this consumer name
+        left pending in an earlier life."""
+        self.queue.ensure_group()
         for batch in self.queue.read_own_pending(self.consumer, 1000):
             if self.stop_event.is_set():
                 return
             self.ship(batch)
-        while not self.stop_event.is_set():
-            try:
-                self.step()
-            except Exception:
-                # Redis unreachable, most likely: wait and try again, never exit.
-                log.warning("celery-langfuse forwarder: queue error; retrying", exc_info=True)
-                self.stop_event.wait(min(self.max_backoff, 5.0))
-            self._housekeeping()
 
     def stop(self) -> None:
         self.stop_event.set()
