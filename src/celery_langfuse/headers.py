@@ -7,7 +7,9 @@ OpenTelemetry consumers and Langfuse-aware ones both understand it:
   writes them;
 - ``x-langfuse-*`` headers: trace id, parent observation id, and the trace-level
   attributes Langfuse filters on (user, session, tags, trace name, environment,
-  metadata), plus the publish time so the worker can report queue wait.
+  metadata), plus the publish time so the worker can report queue wait, and
+  ``x-langfuse-sampled: 0`` when the trace was sampled out (the W3C sampled flag says
+  the same, but only when the global propagator writes ``traceparent``).
 
 Headers are untrusted input. :func:`extract` validates every value and drops what
 does not fit; a bad header means a fresh trace and a debug log, never an exception.
@@ -41,6 +43,7 @@ TRACE_NAME = "x-langfuse-trace-name"
 ENVIRONMENT = "x-langfuse-environment"
 METADATA = "x-langfuse-metadata"
 PUBLISHED_AT = "x-langfuse-published-at"
+SAMPLED = "x-langfuse-sampled"
 
 #: Every header this library writes; a reader may use it to strip or forward them.
 ALL_HEADERS = (
@@ -54,6 +57,7 @@ ALL_HEADERS = (
     ENVIRONMENT,
     METADATA,
     PUBLISHED_AT,
+    SAMPLED,
 )
 
 # Limits follow what Langfuse itself accepts for propagated attributes.
@@ -146,6 +150,10 @@ def inject(
         propagate.inject(headers, context=parent.context())
         headers[TRACE_ID] = parent.trace_id
         headers[PARENT_ID] = parent.parent_id
+        if parent.sampled:
+            headers.pop(SAMPLED, None)  # a retry copies the headers it was sent with
+        else:
+            headers[SAMPLED] = "0"
     if attributes.user_id:
         headers[USER_ID] = attributes.user_id
     if attributes.session_id:
@@ -183,7 +191,8 @@ def _parent_from(headers: Mapping[str, Any]) -> Optional[TraceParent]:
     trace_id = _matching(headers, TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
     parent_id = _matching(headers, PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
     if trace_id and parent_id:
-        return TraceParent(trace_id, parent_id, sampled=True, from_langfuse=True)
+        sampled = str(headers.get(SAMPLED, "1")).strip() != "0"
+        return TraceParent(trace_id, parent_id, sampled=sampled, from_langfuse=True)
     raw = headers.get(TRACEPARENT)
     if raw is None:
         return None
@@ -200,7 +209,9 @@ def _parent_from(headers: Mapping[str, Any]) -> Optional[TraceParent]:
     return TraceParent(match.group(2), match.group(3), sampled=sampled)
 
 
-def _matching(headers: Mapping[str, Any], name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
+def _matching(
+    headers: Mapping[str, Any], name: str, pattern: re.Pattern[str], zero: str
+) -> Optional[str]:
     raw = headers.get(name)
     if raw is None:
         return None
