@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .config import ConfigurationError, TracingConfig
     from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
     from .install import Installation, install, uninstall
+    from .sampling import SamplingContext
 
 _EXPORTS = {
     "ConfigurationError": "config",
@@ -29,12 +30,14 @@ _EXPORTS = {
     "Installation": "install",
     "install": "install",
     "uninstall": "install",
+    "SamplingContext": "sampling",
 }
 
 __all__ = [
     "ALL_HEADERS",
     "ConfigurationError",
     "Installation",
+    "SamplingContext",
     "TraceAttributes",
     "TraceParent",
     "TracingConfig",
@@ -46,9 +49,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
         raise AttributeError(f"module 'celery_langfuse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    module = importlib.import_module(f".{module_name}", __name__)
+    # Bind every name the submodule exports: importing ``.install`` also binds the
+    # submodule itself as ``celery_langfuse.install``, which must not hide the function.
+    for export, source in _EXPORTS.items():
+        if source == module_name:
+            globals()[export] = getattr(module, export)
+    return globals()[name]

@@ -1,10 +1,11 @@
 """The one Langfuse client of the process, and the few SDK details the handlers need.
 
-The client is created lazily, on first use, through ``langfuse.get_client()`` (so the
-``LANGFUSE_*`` environment variables keep their meaning). Lazy creation matters for
-prefork: ``install(app)`` runs at import time in the parent, before the pool forks,
-and each child then builds its own exporter. The SDK re-creates its threads after a
-fork too, so a client made before the fork also keeps working.
+The client is created lazily, on first use, in :func:`_create_client`: the client the
+user already made, if any, else a new one from the ``LANGFUSE_*`` environment variables
+(which keep their meaning) and the installation's flush settings. Lazy creation
+matters for prefork: ``install(app)`` runs at import time in the parent, before the
+pool forks, and each child then builds its own exporter. The SDK re-creates its
+threads after a fork too, so a client made before the fork also keeps working.
 
 :func:`flush` bounds the SDK's ``flush()``, which has no deadline of its own: a worker
 must never hang at shutdown because Langfuse is unreachable.
@@ -15,14 +16,18 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import langfuse
 from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
 
 from .headers import TraceAttributes
 
@@ -34,6 +39,20 @@ _client: Optional[langfuse.Langfuse] = None
 exit_flush_timeout = 3.0
 
 
+@dataclass(frozen=True)
+class ClientSettings:
+    """What this library passes to the client it creates; None leaves the SDK's own."""
+
+    flush_at: Optional[int] = None
+    flush_interval: Optional[float] = None
+
+
+#: Set by ``install`` before the client exists; a client made earlier keeps its own.
+client_settings = ClientSettings()
+#: Whether this library made the client with ``client_settings`` (False: it found one).
+created_with_settings = False
+
+
 def get_langfuse() -> langfuse.Langfuse:
     """The process's Langfuse client, created on first use."""
     global _client
@@ -41,12 +60,51 @@ def get_langfuse() -> langfuse.Langfuse:
     if client is None:
         with _lock:
             if _client is None:
-                _client = langfuse.get_client()
+                _client = _create_client()
                 # Registered after the SDK's own (unbounded) exit hook, so it runs
                 # first; shutting the client down unregisters the SDK's hook.
                 atexit.register(_shutdown_at_exit)
             client = _client
     return client
+
+
+def _create_client() -> langfuse.Langfuse:
+    """The one place a client is made: the user's, if they made one, else ours.
+
+    ``Langfuse(...)`` reads keys, base URL, environment and everything else from the
+    ``LANGFUSE_*`` variables as ``get_client()`` would; only the flush batch size and
+    interval come from the installation. A client the user created first (with its
+    own keys or settings) is never replaced.
+    """
+    global created_with_settings
+    if sdk_client_exists():
+        return langfuse.get_client()
+    created_with_settings = True
+    return langfuse.Langfuse(
+        flush_at=client_settings.flush_at, flush_interval=client_settings.flush_interval
+    )
+
+
+def sdk_client_exists() -> bool:
+    """Whether a Langfuse client already exists in this process (the user's or ours).
+
+    The SDK has no public way to ask this without creating one; this reads its private
+    registry. Kept in this one function and covered by tests/test_sdk_contract.py.
+    """
+    if "langfuse" not in sys.modules:
+        return False
+    from langfuse._client.resource_manager import LangfuseResourceManager
+
+    with LangfuseResourceManager._lock:
+        return bool(LangfuseResourceManager._instances)
+
+
+def langfuse_keys_configured() -> bool:
+    """Whether a client could authenticate: both keys in the environment, or a client
+    already made (with keys given in code)."""
+    return bool(
+        os.environ.get("LANGFUSE_PUBLIC_KEY") and os.environ.get("LANGFUSE_SECRET_KEY")
+    ) or sdk_client_exists()
 
 
 def _shutdown_at_exit() -> None:
@@ -87,6 +145,43 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
     else:
         log.debug("celery-langfuse: flushed in %.3f s", time.monotonic() - started)
     return finished
+
+
+# -- roots of traces this library starts -------------------------------------------
+
+
+@contextmanager
+def root_observation(
+    trace_id: str, *, name: str, start_time_ns: Optional[int] = None, **fields: Any
+) -> Iterator[Any]:
+    """A parentless span observation in trace ``trace_id``, current inside the block.
+
+    For traces whose id is drawn before they start (so the sampling decision can be
+    made first) and for failures kept from a sampled-out trace. ``start_time_ns``
+    backdates the observation to when the work began.
+    """
+    with get_langfuse().start_as_current_observation(
+        trace_context={"trace_id": trace_id}, name=name, as_type="span", **fields
+    ) as observation:
+        _make_root(otel_trace.get_current_span(), start_time_ns)
+        yield observation
+
+
+def _make_root(span: Any, start_time_ns: Optional[int]) -> None:
+    """Drop the parent the SDK invents for a span started in a chosen trace.
+
+    ``trace_context={"trace_id": ...}`` is the SDK's only way into a chosen trace, and
+    it starts the span under a made-up remote parent span id, which Langfuse would show
+    as the child of an observation that does not exist (an orphan, not the root). The
+    OTel SDK span keeps its parent and start time in ``_parent`` / ``_start_time``,
+    read when it is exported; both are set here, right after the span started and
+    before anything else can see it. tests/test_sdk_contract.py fails if that changes.
+    A non-recording span (sampled out by the SDK's own sampler) has neither.
+    """
+    if hasattr(span, "_parent"):
+        span._parent = None
+        if start_time_ns is not None and hasattr(span, "_start_time"):
+            span._start_time = start_time_ns
 
 
 # -- trace-level attributes -------------------------------------------------------
