@@ -332,14 +332,18 @@ class WorkerTracing:
             sampled = current.trace_flags.sampled
         new_trace = traced and trace_id is None
         if new_trace:
-            # The run starts a trace: its id is drawn first so the decision is made
-            # from it, and the trace is named after the task unless the producer named it.
+            # The run starts a trace: its id is drawn first so the decision is made from
+            # it. A kept trace is named after the task unless the producer named it (a
+            # sampled-out one skips that cost: a failure kept from it is its root anyway).
             trace_id = sampling.new_trace_id()
             sampled = self.config.policy.sample_new_trace(
                 trace_id, start.task_name, start.args or (), start.kwargs or {},
                 _custom_headers(start.request),
             )
-            attributes = replace(attributes, trace_name=attributes.trace_name or start.task_name)
+            if sampled:
+                attributes = replace(
+                    attributes, trace_name=attributes.trace_name or start.task_name
+                )
         scope.enter_context(client.propagated(attributes))
         if not traced or trace_id is None:
             # Nothing recorded; whatever is current stays so, for the tasks it publishes.
