@@ -304,3 +304,20 @@ def test_direct_construction_validates_and_reports_arguments_as_the_source() -> 
 def test_options_given_as_lists_compare_equal_to_tuples() -> None:
     options: dict[str, Any] = {"exclude_tasks": ["a.*"], "redact_keys": ["x"]}
     assert TracingConfig(**options) == TracingConfig(exclude_tasks=("a.*",), redact_keys=("x",))
+
+
+def test_the_sdks_tracing_switch_turns_tracing_off_too() -> None:
+    done = run_python(
+        """
+from celery import Celery
+from celery_langfuse import install
+
+installation = install(Celery("sdk-off"))
+print(installation.enabled, installation.off_reason)
+""",
+        LANGFUSE_TRACING_ENABLED="false",
+        LANGFUSE_PUBLIC_KEY="pk-lf-x",
+        LANGFUSE_SECRET_KEY="sk-lf-x",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "False disabled by LANGFUSE_TRACING_ENABLED=false" in done.stdout

@@ -7,13 +7,15 @@ message is published or a task runs, so it is safe at import time of the app mod
 before a prefork pool forks.
 
 Settings are resolved and validated here, once (see ``config.py``). Without Langfuse
-keys, or with ``enabled`` off, ``install`` connects nothing: tracing is off, with one
-warning for the missing keys, and every task runs exactly as without this library.
+keys, with ``enabled`` off, or with the SDK's ``LANGFUSE_TRACING_ENABLED=false``,
+``install`` connects nothing: tracing is off, with one warning for the missing keys,
+and every task runs exactly as without this library.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -120,6 +122,8 @@ def install(app: Celery, **options: Any) -> Installation:
         off_reason = None
         if not config.enabled:
             off_reason = f"disabled by enabled=False ({config.source_of('enabled')})"
+        elif os.environ.get("LANGFUSE_TRACING_ENABLED", "").strip().lower() == "false":
+            off_reason = "disabled by LANGFUSE_TRACING_ENABLED=false (the SDK sends nothing)"
         elif not client.langfuse_keys_configured():
             off_reason = "Langfuse keys missing (LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY)"
             if not _warned_missing_keys:
