@@ -49,13 +49,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
-    if module_name is None:
+    module = _EXPORTS.get(name)
+    if module is None:
         raise AttributeError(f"module 'celery_langfuse' has no attribute {name!r}")
-    module = importlib.import_module(f".{module_name}", __name__)
-    # Bind every name the submodule exports: importing ``.install`` also binds the
-    # submodule itself as ``celery_langfuse.install``, which must not hide the function.
-    for export, source in _EXPORTS.items():
-        if source == module_name:
-            globals()[export] = getattr(module, export)
+    imported = importlib.import_module(f".{module}", __name__)
+    # Importing the submodule ``install`` binds the package attribute ``install`` to
+    # that module: rebind every name it exports, so ``install`` is the function
+    # whichever name was asked for first.
+    for exported, source in _EXPORTS.items():
+        if source == module:
+            globals()[exported] = getattr(imported, exported)
     return globals()[name]

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -29,7 +29,7 @@ import langfuse
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from .headers import TraceAttributes
+from .headers import CronRun, TraceAttributes
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,24 @@ def langfuse_keys_configured() -> bool:
     ) or sdk_client_exists()
 
 
+@contextmanager
+def attached(ctx: otel_context.Context) -> Iterator[None]:
+    """Make ``ctx`` the current OTel context for the duration of the block."""
+    token = otel_context.attach(ctx)
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
 def _shutdown_at_exit() -> None:
-    flush(exit_flush_timeout, shutdown=True)
+    if not flush(exit_flush_timeout, shutdown=True):
+        # OpenTelemetry's own exit hook runs next: it shuts the tracer provider down
+        # and waits for the export still retrying against an unreachable Langfuse
+        # (up to the exporter timeout). The deadline has passed; skip that wait.
+        provider_shutdown = getattr(otel_trace.get_tracer_provider(), "shutdown", None)
+        if provider_shutdown is not None:
+            atexit.unregister(provider_shutdown)
 
 
 def flush(timeout: float, *, shutdown: bool = False) -> bool:
@@ -125,9 +141,7 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
 
     def run() -> None:
         try:
-            action()
-        except Exception:
-            log.warning("celery-langfuse: Langfuse flush failed", exc_info=True)
+            _call_logged(action)
         finally:
             done.set()
 
@@ -145,6 +159,34 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
     else:
         log.debug("celery-langfuse: flushed in %.3f s", time.monotonic() - started)
     return finished
+
+
+_background_flush: Optional[threading.Thread] = None
+
+
+def flush_in_background() -> None:
+    """Start sending buffered observations now, without waiting for it.
+
+    For processes that may be killed without an exit hook (beat embedded in a worker
+    is ended by SIGTERM and leaves with ``os._exit``). At most one such flush runs at
+    a time, so an unreachable Langfuse can never pile up threads.
+    """
+    global _background_flush
+    with _lock:
+        client, running = _client, _background_flush
+        if client is None or (running is not None and running.is_alive()):
+            return
+        _background_flush = threading.Thread(
+            target=_call_logged, args=(client.flush,), name="celery-langfuse-flush", daemon=True
+        )
+        _background_flush.start()
+
+
+def _call_logged(action: Callable[[], None]) -> None:
+    try:
+        action()
+    except Exception:
+        log.warning("celery-langfuse: Langfuse flush failed", exc_info=True)
 
 
 # -- roots of traces this library starts -------------------------------------------
@@ -241,3 +283,64 @@ def _json_or_raw(value: str) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+# -- cron runs -----------------------------------------------------------------------
+#
+# The beat layer opens a cron run's root observation around the scheduler's send; the
+# publish handler reads the run from the context to put it on the message.
+
+_CRON_RUN_KEY = otel_context.create_key("celery-langfuse.cron-run")
+
+#: Score names, one place for the worker and the beat process.
+CRON_SUCCESS_SCORE = "cron_success"
+CRON_LATENESS_SCORE = "cron_lateness_seconds"
+
+
+def current_cron_run() -> Optional[CronRun]:
+    """The cron run whose message is being sent in the current context, if any."""
+    run = otel_context.get_value(_CRON_RUN_KEY)
+    return run if isinstance(run, CronRun) else None
+
+
+@contextmanager
+def sending_cron_run(run: CronRun) -> Iterator[None]:
+    """Mark everything published inside as the message of this cron run."""
+    token = otel_context.attach(otel_context.set_value(_CRON_RUN_KEY, run))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def score_cron_run(
+    trace_id: str,
+    *,
+    success: Optional[bool] = None,
+    lateness_seconds: Optional[float] = None,
+    comment: Optional[str] = None,
+    metadata: Optional[dict[str, Any]] = None,
+    environment: Optional[str] = None,
+) -> None:
+    """Record the cron health scores of one run on its trace; None means "not known"."""
+    langfuse_client = get_langfuse()
+    # Lateness first: scores leave in order, so whoever sees cron_success has both.
+    if lateness_seconds is not None:
+        langfuse_client.create_score(
+            name=CRON_LATENESS_SCORE,
+            value=round(lateness_seconds, 3),
+            trace_id=trace_id,
+            data_type="NUMERIC",
+            metadata=metadata,
+            environment=environment,
+        )
+    if success is not None:
+        langfuse_client.create_score(
+            name=CRON_SUCCESS_SCORE,
+            value=1.0 if success else 0.0,
+            trace_id=trace_id,
+            data_type="NUMERIC",
+            comment=comment,
+            metadata=metadata,
+            environment=environment,
+        )

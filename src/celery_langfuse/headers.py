@@ -9,7 +9,9 @@ OpenTelemetry consumers and Langfuse-aware ones both understand it:
   attributes Langfuse filters on (user, session, tags, trace name, environment,
   metadata), plus the publish time so the worker can report queue wait, and
   ``x-langfuse-sampled: 0`` when the trace was sampled out (the W3C sampled flag says
-  the same, but only when the global propagator writes ``traceparent``).
+  the same, but only when the global propagator writes ``traceparent``);
+- for a message celery beat sent: the schedule entry's name and when the run was due,
+  so the worker can score the cron run's health.
 
 Headers are untrusted input. :func:`extract` validates every value and drops what
 does not fit; a bad header means a fresh trace and a debug log, never an exception.
@@ -44,6 +46,8 @@ ENVIRONMENT = "x-langfuse-environment"
 METADATA = "x-langfuse-metadata"
 PUBLISHED_AT = "x-langfuse-published-at"
 SAMPLED = "x-langfuse-sampled"
+CRON_ENTRY = "x-langfuse-cron-entry"
+CRON_DUE_AT = "x-langfuse-cron-due-at"
 
 #: Every header this library writes; a reader may use it to strip or forward them.
 ALL_HEADERS = (
@@ -58,6 +62,8 @@ ALL_HEADERS = (
     METADATA,
     PUBLISHED_AT,
     SAMPLED,
+    CRON_ENTRY,
+    CRON_DUE_AT,
 )
 
 # Limits follow what Langfuse itself accepts for propagated attributes.
@@ -126,12 +132,23 @@ class TraceParent:
 
 
 @dataclass(frozen=True)
+class CronRun:
+    """A message celery beat sent for one run of a schedule entry."""
+
+    entry: str
+    #: When the run was due (Unix time), if the entry's schedule could tell.
+    due_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class Extracted:
     """Everything a consumer reads from one message's headers."""
 
     parent: Optional[TraceParent]
     attributes: TraceAttributes
     published_at: Optional[float]
+    #: Set when beat sent the message; None for every other message.
+    cron: Optional[CronRun] = None
 
 
 def inject(
@@ -139,6 +156,7 @@ def inject(
     *,
     parent: Optional[TraceParent],
     attributes: TraceAttributes,
+    cron: Optional[CronRun] = None,
 ) -> None:
     """Write the wire format into ``headers``, keeping every other header as it is.
 
@@ -166,6 +184,10 @@ def inject(
         headers[ENVIRONMENT] = attributes.environment
     if attributes.metadata:
         headers[METADATA] = json.dumps(dict(attributes.metadata), separators=(",", ":"))
+    if cron is not None:
+        headers[CRON_ENTRY] = cron.entry
+        if cron.due_at is not None:
+            headers[CRON_DUE_AT] = f"{cron.due_at:.6f}"
     headers[PUBLISHED_AT] = f"{time.time():.6f}"
 
 
@@ -182,6 +204,7 @@ def extract(headers: Mapping[str, Any]) -> Extracted:
             metadata=_metadata(headers),
         ),
         published_at=_timestamp(headers, PUBLISHED_AT),
+        cron=_cron_run(headers),
     )
 
 
@@ -279,6 +302,13 @@ def _metadata(headers: Mapping[str, Any]) -> dict[str, str]:
         and isinstance(item, str)
         and len(item) <= _MAX_ATTRIBUTE_CHARS
     }
+
+
+def _cron_run(headers: Mapping[str, Any]) -> Optional[CronRun]:
+    entry = _short_string(headers, CRON_ENTRY)
+    if entry is None:
+        return None
+    return CronRun(entry, due_at=_timestamp(headers, CRON_DUE_AT))
 
 
 def _timestamp(headers: Mapping[str, Any], name: str) -> Optional[float]:

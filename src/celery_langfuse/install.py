@@ -1,8 +1,9 @@
 """``install(app)`` / ``uninstall(app)``: connect and disconnect every signal handler.
 
-Celery signals are process-wide, so the handlers are connected once per process and
-serve every installed app; worker-side handlers skip tasks of apps that were not
-installed. Connecting is all ``install`` does: no Langfuse client is created until a
+Celery signals are process-wide. The publish handler (a message does not say which
+app sent it) and the shutdown flush are connected once per process, while any app is
+installed; each installation connects its own worker-side handlers, which skip tasks
+of other apps. Connecting is all ``install`` does: no Langfuse client is created until a
 message is published or a task runs, so it is safe at import time of the app module,
 before a prefork pool forks.
 
@@ -18,11 +19,12 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
 from . import client, publish
+from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
@@ -44,8 +46,9 @@ class Installation:
     app: Celery
     config: TracingConfig
     worker: WorkerTracing
+    beat: BeatTracing
     #: Why nothing is connected, when tracing is off; None when it is on.
-    off_reason: str | None = None
+    off_reason: Optional[str] = None
     _connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
 
     @property
@@ -54,56 +57,80 @@ class Installation:
 
     def connect(self) -> None:
         worker = self.worker
-        for signal, handler in (
-            (signals.before_task_publish, on_before_task_publish),
+        _connect(
+            self._connections,
             (signals.task_prerun, self._for_app(worker.on_task_prerun)),
             (signals.task_failure, self._for_app(worker.on_task_failure)),
-            (signals.task_postrun, worker.on_task_postrun),
-            (signals.task_internal_error, worker.on_task_internal_error),
-            (signals.task_revoked, worker.on_task_revoked),
-            (signals.task_unknown, worker.on_task_unknown),
-            (signals.task_rejected, worker.on_task_rejected),
-            (signals.worker_process_shutdown, self.flush),
-            (signals.worker_shutdown, self.flush),
-        ):
-            signal.connect(handler, weak=False)
-            self._connections.append((signal, handler))
+            (signals.task_postrun, self._for_app(worker.on_task_postrun)),
+            (signals.task_internal_error, self._for_app(worker.on_task_internal_error)),
+            (signals.task_revoked, self._for_app(worker.on_task_revoked)),
+            (signals.task_unknown, self._for_app(worker.on_task_unknown)),
+            (signals.task_rejected, self._for_app(worker.on_task_rejected)),
+            (signals.beat_init, self.beat.on_beat_init),
+            (signals.beat_embedded_init, self.beat.on_beat_embedded_init),
+        )
 
     def disconnect(self) -> None:
-        for signal, handler in self._connections:
-            signal.disconnect(handler)
-        self._connections.clear()
+        _disconnect(self._connections)
+        self.beat.unwrap()
 
     def connected_signals(self) -> list[tuple[str, bool]]:
-        """``(signal name, still connected)`` for every handler ``connect`` connected."""
+        """``(signal name, still connected)`` for each handler this app traces with:
+        its own, then the process-wide ones; empty when tracing is off."""
+        if not self.enabled:
+            return []
         return [
             (getattr(signal, "name", None) or repr(signal), _is_connected(signal, handler))
-            for signal, handler in self._connections
+            for signal, handler in (*self._connections, *_PROCESS_HANDLERS)
         ]
-
-    def flush(self, **_: Any) -> None:
-        """Send buffered observations, bounded by ``flush_timeout``."""
-        client.flush(self.config.flush_timeout)
 
     def _for_app(self, handler: Callable[..., None]) -> Callable[..., None]:
         app = self.app
 
         def only_this_app(sender: Any = None, **kwargs: Any) -> None:
+            # sender is the task, or the consumer for unknown/rejected messages
             if getattr(sender, "app", app) is app:
                 handler(sender=sender, **kwargs)
 
         return only_this_app
 
 
+_installations: dict[int, Installation] = {}
+_process_connections: list[tuple[Any, Callable[..., Any]]] = []
+_lock = threading.Lock()
+_warned_missing_keys = False
+
+
+def _flush_before_exit(**_: Any) -> None:
+    """Prefork children exit through ``os._exit``: this signal is their last chance."""
+    client.flush(client.exit_flush_timeout)
+
+
+_PROCESS_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
+    (signals.before_task_publish, on_before_task_publish),
+    (signals.worker_process_shutdown, _flush_before_exit),
+    (signals.worker_shutdown, _flush_before_exit),
+)
+
+
+def _connect(
+    connections: list[tuple[Any, Callable[..., Any]]], *pairs: tuple[Any, Callable[..., Any]]
+) -> None:
+    for signal, handler in pairs:
+        signal.connect(handler, weak=False)
+        connections.append((signal, handler))
+
+
+def _disconnect(connections: list[tuple[Any, Callable[..., Any]]]) -> None:
+    for signal, handler in connections:
+        signal.disconnect(handler)
+    connections.clear()
+
+
 def _is_connected(signal: Any, handler: Callable[..., Any]) -> bool:
     # Connected with weak=False, so Celery keeps the handler itself, not a weakref.
     receivers = getattr(signal, "receivers", None) or ()
     return any(receiver is handler for _, receiver in receivers)
-
-
-_installations: dict[int, Installation] = {}
-_lock = threading.Lock()
-_warned_missing_keys = False
 
 
 def install(app: Celery, **options: Any) -> Installation:
@@ -130,12 +157,16 @@ def install(app: Celery, **options: Any) -> Installation:
                 _warned_missing_keys = True
                 log.warning(_MISSING_KEYS_WARNING, app.main)
         installation = Installation(
-            app=app, config=config, worker=WorkerTracing(config), off_reason=off_reason
+            app=app,
+            config=config,
+            worker=WorkerTracing(config),
+            beat=BeatTracing(app, config, is_traced=config.traces_task),
+            off_reason=off_reason,
         )
+        _installations[id(app)] = installation
         if installation.enabled:
             installation.connect()
-        _installations[id(app)] = installation
-        _apply_process_settings()
+            _apply_process_settings()
         return installation
 
 
@@ -143,31 +174,33 @@ def uninstall(app: Celery) -> None:
     """Disconnect everything ``install(app)`` connected. A no-op if not installed."""
     with _lock:
         installation = _installations.pop(id(app), None)
-        if installation is not None:
-            installation.disconnect()
-            _apply_process_settings()
+        if installation is None:
+            return
+        installation.disconnect()
+        _apply_process_settings()
 
 
-def installation_for(app: Celery) -> Installation | None:
+def installation_for(app: Celery) -> Optional[Installation]:
     """The installation of ``app`` in this process, if ``install(app)`` was called."""
     with _lock:
         return _installations.get(id(app))
 
 
 def _apply_process_settings() -> None:
-    """Settings that are one per process follow the first installed app that traces.
+    """The process-wide handlers and settings, while any installed app traces.
 
     Celery's publish signal does not say which app sends a message, and the process
-    has one Langfuse client; with several installed apps, the first one decides.
+    has one Langfuse client: with several installed apps, the first one decides which
+    tasks publishing treats as excluded and how the client is created.
     """
     active = [i for i in _installations.values() if i.enabled]
-    if active:
-        # One publish handler serves every app (Celery connects a function once), so
-        # uninstalling one app must not take it from the others.
-        signals.before_task_publish.connect(on_before_task_publish, weak=False)
-        first = active[0].config
-        publish.policy = first.policy
-        client.client_settings = client.ClientSettings(first.flush_at, first.flush_interval)
-        client.exit_flush_timeout = max(i.config.flush_timeout for i in active)
-    else:
+    if not active:
+        _disconnect(_process_connections)
         publish.policy = None
+        return
+    if not _process_connections:
+        _connect(_process_connections, *_PROCESS_HANDLERS)
+    first = active[0].config
+    publish.policy = first.policy
+    client.client_settings = client.ClientSettings(first.flush_at, first.flush_interval)
+    client.exit_flush_timeout = max(i.config.flush_timeout for i in active)

@@ -151,6 +151,18 @@ def capture(value: Any, max_chars: int, redactor: Optional[Redactor] = DEFAULT_R
         return f"<unserialisable {type(value).__name__}>"
 
 
+def describe_exception(exc: Any) -> str:
+    """``ExceptionType: message``, bounded: the status message of a failed observation."""
+    if exc is None:
+        return "unknown error"
+    name = type(exc).__name__
+    try:
+        message = str(exc)
+    except Exception:
+        message = ""
+    return f"{name}: {message}"[:1000] if message else name
+
+
 class PayloadCapture:
     """The capture settings of one installation: size bound, redaction, user mask."""
 

@@ -57,11 +57,10 @@ def _inject_trace(
     routing_key: Optional[str],
 ) -> None:
     attributes = client.current_trace_attributes()
+    cron = client.current_cron_run()
     current = otel_trace.get_current_span().get_span_context()
     if not current.is_valid:
-        headers.inject(
-            message_headers, parent=None, attributes=attributes
-        )
+        headers.inject(message_headers, parent=None, attributes=attributes, cron=cron)
         return
     excluded = policy is not None and not policy.traces_task(task_name)
     if excluded or not current.trace_flags.sampled:
@@ -73,6 +72,7 @@ def _inject_trace(
                 sampled=current.trace_flags.sampled,
             ),
             attributes=attributes,
+            cron=cron,
         )
         return
 
@@ -92,4 +92,5 @@ def _inject_trace(
         message_headers,
         parent=headers.TraceParent(span.trace_id, span.id, sampled=current.trace_flags.sampled),
         attributes=attributes,
+        cron=cron,
     )

@@ -13,6 +13,10 @@ so that, with ``keep_failures``, a failure is still recorded as the root of its 
 backdated to when the run began. A task excluded by name records nothing, but its
 parent stays current so the tasks it publishes stay in the trace.
 
+A run that celery beat started (the message names its schedule entry) also records
+the cron health scores on its trace when it ends: ``cron_success`` and
+``cron_lateness_seconds`` (see ``client.score_cron_run``).
+
 Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; nothing
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
 recorded as a short observation in the consumer process, so their trace shows why.
@@ -26,18 +30,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from celery import states
 from langfuse.types import SpanLevel
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers, sampling
 from .config import TracingConfig
 from .logs import warn_rate_limited
+from .payload import describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class Start:
     extracted: headers.Extracted
     #: Whether the task's input and output may be captured (name patterns, task option).
     captures: bool
+    cron: Optional[CronHealth] = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,36 @@ class Run:
     captures: bool = True
     #: Set for a run of a sampled-out trace whose failure would be kept.
     sampled_out: Optional[SampledOut] = None
+    cron: Optional[CronHealth] = None
+
+    def score_cron(self, *, success: Optional[bool], comment: Optional[str] = None) -> None:
+        """Record the cron health scores, if beat started this run and it is traced."""
+        if self.cron is not None and self.trace_id is not None:
+            self.cron.score(self.trace_id, success=success, comment=comment)
+
+
+@dataclass(frozen=True)
+class CronHealth:
+    """What a run started by celery beat reports when it ends."""
+
+    entry: str
+    task_id: Optional[str]
+    #: Seconds from when the run was due to when this attempt started; only the
+    #: first attempt reports it, retries would count their own delay as lateness.
+    lateness_seconds: Optional[float]
+    environment: Optional[str]
+
+    def score(
+        self, trace_id: str, *, success: Optional[bool], comment: Optional[str] = None
+    ) -> None:
+        client.score_cron_run(
+            trace_id,
+            success=success,
+            lateness_seconds=self.lateness_seconds,
+            comment=comment,
+            metadata={"cron_entry": self.entry, "task_id": self.task_id},
+            environment=self.environment,
+        )
 
 
 class RunRegistry:
@@ -215,7 +250,13 @@ class WorkerTracing:
             if run.observation is not None:
                 _record_outcome(run, state, retval, self.config)
             elif run.sampled_out is not None and state == states.FAILURE:
-                self._record_kept_failure(run, run.sampled_out, retval, _describe(retval))
+                self._record_kept_failure(run, run.sampled_out, retval, describe_exception(retval))
+            run.score_cron(
+                success=_CRON_SUCCESS_BY_STATE.get(state or ""),
+                comment=None
+                if state == states.SUCCESS
+                else self.config.payload.text(describe_exception(retval)),
+            )
         except Exception:
             warn_rate_limited(
                 log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id
@@ -230,13 +271,14 @@ class WorkerTracing:
         if run is None:
             return
         try:
-            status = f"internal error: {_describe(exception)}"
+            status = f"internal error: {describe_exception(exception)}"
             if run.observation is not None:
                 run.observation.update(
                     level="ERROR", status_message=self.config.payload.text(status)
                 )
             elif run.sampled_out is not None:
                 self._record_kept_failure(run, run.sampled_out, exception, status)
+            run.score_cron(success=False, comment=self.config.payload.text(status))
         finally:
             _close(run)
 
@@ -258,9 +300,12 @@ class WorkerTracing:
             status = f"terminated by signal {signum}" if signum else "terminated"
         else:
             status = "revoked"
+        # Celery sends the request's Context: the task name is its ``task`` and the
+        # message headers are read from it as from a running task's request.
+        name = getattr(request, "task", None)
         self._record_unrun(
-            getattr(request, "name", None) or "task",
-            _dict_headers(getattr(request, "request_dict", None)),
+            name if isinstance(name, str) else "task",
+            RequestHeaders(request),
             getattr(request, "id", None),
             "WARNING",
             status,
@@ -285,7 +330,7 @@ class WorkerTracing:
             message_headers,
             message_headers.get("id"),
             "ERROR",
-            f"message rejected: {_describe(exc)}",
+            f"message rejected: {describe_exception(exc)}",
         )
 
     # -- internals ------------------------------------------------------------------
@@ -293,18 +338,21 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         rules = self.config.policy.rules(task.name)
+        extracted = headers.extract(RequestHeaders(request))
         start = Start(
             task_id=task_id,
             task_name=task.name,
             request=request,
             args=args,
             kwargs=kwargs,
-            extracted=headers.extract(RequestHeaders(request)),
+            extracted=extracted,
             captures=rules.capture and getattr(task, "langfuse_capture", True) is not False,
+            cron=_cron_health(extracted, task_id, request),
         )
         scope = ExitStack()
         try:
             run = self._start(start, rules.traced, scope)
+            run.cron = start.cron
         except BaseException:
             scope.close()
             raise
@@ -324,7 +372,7 @@ class WorkerTracing:
         if parent is not None:
             trace_id: Optional[str] = parent.trace_id
             sampled = parent.sampled
-            scope.enter_context(_attached(parent.context()))
+            scope.enter_context(client.attached(parent.context()))
         else:
             current = otel_trace.get_current_span().get_span_context()
             # An eager run inside the caller's observation continues its trace.
@@ -353,7 +401,7 @@ class WorkerTracing:
                 "name": start.task_name,
                 "input": self._capture_input(start) if self.config.capture_input else None,
                 "metadata": _run_metadata(
-                    start.task_id, start.request, start.extracted.published_at
+                    start.task_id, start.request, start.extracted.published_at, start.cron
                 ),
             }
             observation = scope.enter_context(
@@ -365,7 +413,7 @@ class WorkerTracing:
         if new_trace:
             # The run's own span id, never recorded: nested tasks name it as parent.
             unsampled = headers.TraceParent(trace_id, sampling.new_span_id(), sampled=False)
-            scope.enter_context(_attached(unsampled.context()))
+            scope.enter_context(client.attached(unsampled.context()))
         if not self.config.keep_failures:
             return Run(None, scope, trace_id=trace_id)
         kept = SampledOut(start, trace_id, time.time(), time.time_ns())
@@ -375,7 +423,11 @@ class WorkerTracing:
         """Record a failed run of a sampled-out trace as the root of its trace."""
         start = kept.start
         metadata = _run_metadata(
-            start.task_id, start.request, start.extracted.published_at, now=kept.started_at
+            start.task_id,
+            start.request,
+            start.extracted.published_at,
+            start.cron,
+            now=kept.started_at,
         )
         metadata.update(_failure_metadata(error, run.traceback, self.config))
         metadata["trace_sampled"] = False
@@ -414,51 +466,71 @@ class WorkerTracing:
             if not self.config.policy.traces_task(task_name):
                 return
             extracted = headers.extract(message_headers)
-            parent = extracted.parent
-            is_failure = level == "ERROR" and self.config.keep_failures
             fields: dict[str, Any] = {
                 "name": task_name,
                 "level": level,
                 "status_message": self.config.payload.text(status),
                 "metadata": {"task_id": task_id, "hostname": _HOSTNAME},
             }
-            with client.propagated(extracted.attributes):
-                if parent is not None and parent.sampled:
-                    with _attached(parent.context()):
-                        client.get_langfuse().start_observation(as_type="span", **fields).end()
-                    return
-                if parent is not None:
-                    trace_id, sampled = parent.trace_id, False
-                else:
-                    trace_id = sampling.new_trace_id()
-                    sampled = self.config.policy.sample_new_trace(
-                        trace_id, task_name, headers=message_headers
-                    )
-                if sampled or is_failure:
-                    if not sampled:
-                        fields["metadata"]["trace_sampled"] = False
-                    with client.root_observation(trace_id, **fields):
-                        pass
+            recorded_in = self._record_unrun_observation(extracted, task_name, fields, level)
+            if recorded_in is not None and extracted.cron is not None:
+                cron = CronHealth(
+                    extracted.cron.entry, task_id, None, extracted.attributes.environment
+                )
+                cron.score(recorded_in, success=False, comment=fields["status_message"])
         except Exception:
             warn_rate_limited(
                 log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id
             )
 
+    def _record_unrun_observation(
+        self, extracted: headers.Extracted, task_name: str, fields: dict[str, Any], level: str
+    ) -> Optional[str]:
+        """Record a message that never ran; the trace id it went to, if recorded."""
+        parent = extracted.parent
+        with client.propagated(extracted.attributes):
+            if parent is not None and parent.sampled:
+                with client.attached(parent.context()):
+                    client.get_langfuse().start_observation(as_type="span", **fields).end()
+                return parent.trace_id
+            if parent is not None:
+                trace_id, sampled = parent.trace_id, False
+            else:
+                trace_id = sampling.new_trace_id()
+                sampled = self.config.policy.sample_new_trace(trace_id, task_name)
+            if not sampled and not (level == "ERROR" and self.config.keep_failures):
+                return None
+            if not sampled:
+                fields["metadata"]["trace_sampled"] = False
+            with client.root_observation(trace_id, **fields):
+                pass
+            return trace_id
+
 
 _HOSTNAME = socket.gethostname()
 
 
-@contextmanager
-def _attached(ctx: otel_context.Context) -> Iterator[None]:
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> Optional[CronHealth]:
+    cron = extracted.cron
+    if cron is None:
+        return None
+    lateness = None
+    if cron.due_at is not None and not getattr(request, "retries", 0):
+        lateness = max(time.time() - cron.due_at, 0.0)
+    return CronHealth(cron.entry, task_id, lateness, extracted.attributes.environment)
+
+
+#: The cron_success score of a run's final state; a retry is not final, and a task
+#: that ignored itself (or was replaced) reports nothing.
+_CRON_SUCCESS_BY_STATE = {states.SUCCESS: True, states.FAILURE: False, states.REJECTED: False}
 
 
 def _run_metadata(
-    task_id: str, request: Any, published_at: Optional[float], now: Optional[float] = None
+    task_id: str,
+    request: Any,
+    published_at: Optional[float],
+    cron: Optional[CronHealth],
+    now: Optional[float] = None,
 ) -> dict[str, Any]:
     delivery_info = getattr(request, "delivery_info", None) or {}
     metadata: dict[str, Any] = {
@@ -476,6 +548,10 @@ def _run_metadata(
     if published_at is not None:
         started = time.time() if now is None else now
         metadata["queue_wait_seconds"] = round(max(started - published_at, 0.0), 6)
+    if cron is not None:
+        metadata["cron_entry"] = cron.entry
+        if cron.lateness_seconds is not None:
+            metadata["cron_lateness_seconds"] = round(cron.lateness_seconds, 3)
     return metadata
 
 
@@ -487,7 +563,7 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
     elif state == states.FAILURE:
         observation.update(
             level="ERROR",
-            status_message=config.payload.text(_describe(retval)),
+            status_message=config.payload.text(describe_exception(retval)),
             metadata=_failure_metadata(retval, run.traceback, config),
         )
     elif state == states.RETRY:
@@ -495,9 +571,8 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
             level="WARNING", status_message=config.payload.text(f"retry: {_describe_retry(retval)}")
         )
     elif state == states.REJECTED:
-        observation.update(
-            level="WARNING", status_message=config.payload.text(f"rejected: {_describe(retval)}")
-        )
+        status = f"rejected: {describe_exception(retval)}"
+        observation.update(level="WARNING", status_message=config.payload.text(status))
     elif state == states.IGNORED:
         observation.update(status_message="ignored")
 
@@ -523,18 +598,10 @@ def _close(run: Run) -> None:
         warn_rate_limited(log, "close", "celery-langfuse: could not close a task run")
 
 
-def _describe(exc: Any) -> str:
-    if exc is None:
-        return "unknown error"
-    message = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {message}"[:1000] if message else name
-
-
 def _describe_retry(retry: Any) -> str:
     reason = getattr(retry, "exc", None)
     if reason is not None:
-        return _describe(reason)
+        return describe_exception(reason)
     return str(getattr(retry, "message", None) or retry or "retry requested")[:1000]
 
 
