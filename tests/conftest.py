@@ -49,6 +49,18 @@ def tasks_app() -> Iterator[Any]:
     yield tasks
 
 
+@pytest.fixture(scope="module")
+def running_worker(langfuse_capture: CaptureServer) -> Iterator[Any]:
+    """tests/support/tasks.py's app served by an in-thread worker (threads pool) for
+    the whole module."""
+    require_redis()
+    from tests.support import tasks
+
+    tasks.app.control.purge()
+    with in_thread_worker(tasks.app, pool="threads", concurrency=2) as running:
+        yield running
+
+
 @contextmanager
 def in_thread_worker(app: Any, pool: str = "solo", concurrency: int = 1) -> Iterator[Any]:
     with start_worker(
@@ -102,7 +114,65 @@ def worker_process(
     ready_timeout: float = 30.0,
 ) -> Iterator[WorkerProcess]:
     queue = queue or f"q-{uuid.uuid4().hex[:8]}"
-    log_path = tmp_path / f"worker-{queue}.log"
+    with celery_process(
+        [
+            "worker", "-Q", queue, "-l", "INFO", "-n", f"{queue}@%h",
+            "--without-mingle", "--without-gossip", "--without-heartbeat",
+            *extra_args,
+        ],
+        capture_env=capture_env,
+        queue=queue,
+        env=env,
+        log_path=tmp_path / f"worker-{queue}.log",
+        module=module,
+        ready_marker="ready.",
+        ready_timeout=ready_timeout,
+    ) as worker:
+        yield worker
+
+
+@contextmanager
+def beat_process(
+    capture_env: dict[str, str],
+    *extra_args: str,
+    queue: str,
+    env: Optional[dict[str, str]] = None,
+    tmp_path: Path,
+    module: str = "tests.support.beat_app",
+    ready_timeout: float = 30.0,
+) -> Iterator[WorkerProcess]:
+    """A real ``celery beat`` subprocess with its schedule file in ``tmp_path``,
+    sending to ``queue`` and re-reading its schedule at least once a second."""
+    with celery_process(
+        [
+            "beat", "-l", "INFO", "-s", str(tmp_path / f"schedule-{queue}"),
+            "--max-interval", "1", *extra_args,
+        ],
+        capture_env=capture_env,
+        queue=queue,
+        env=env,
+        log_path=tmp_path / f"beat-{queue}.log",
+        module=module,
+        ready_marker="beat: Starting...",
+        ready_timeout=ready_timeout,
+    ) as beat:
+        yield beat
+
+
+@contextmanager
+def celery_process(
+    command: list[str],
+    *,
+    capture_env: dict[str, str],
+    queue: str,
+    env: Optional[dict[str, str]],
+    log_path: Path,
+    module: str,
+    ready_marker: str,
+    ready_timeout: float,
+) -> Iterator[WorkerProcess]:
+    """``celery -A module <command>`` as a subprocess, ready once its log shows
+    ``ready_marker``; stopped (SIGTERM, then SIGKILL) on exit."""
     full_env = {
         **os.environ,
         **capture_env,
@@ -113,25 +183,20 @@ def worker_process(
     }
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [
-                sys.executable, "-m", "celery", "-A", module, "worker",
-                "-Q", queue, "-l", "INFO", "-n", f"{queue}@%h",
-                "--without-mingle", "--without-gossip", "--without-heartbeat",
-                *extra_args,
-            ],
+            [sys.executable, "-m", "celery", "-A", module, *command],
             cwd=ROOT,
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    worker = WorkerProcess(process, log_path)
+    started = WorkerProcess(process, log_path)
     try:
         deadline = time.monotonic() + ready_timeout
-        while "ready." not in worker.log():
+        while ready_marker not in started.log():
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"worker did not start:\n{worker.log()}")
+                raise AssertionError(f"celery {command[0]} did not start:\n{started.log()}")
             time.sleep(0.1)
-        worker.queue = queue  # type: ignore[attr-defined]
-        yield worker
+        started.queue = queue  # type: ignore[attr-defined]
+        yield started
     finally:
-        worker.stop()
+        started.stop()

@@ -7,24 +7,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.conftest import flush_in_process, in_thread_worker
 
 from celery_langfuse.testing import CaptureServer, Trace, format_traces
+from tests.conftest import flush_in_process
 
 USER = {"Authorization": "Bearer user-7"}
 SESSION = {"session_id": "sess-42"}
-
-
-@pytest.fixture(scope="module")
-def worker(langfuse_capture: CaptureServer) -> Iterator[Any]:
-    from tests.conftest import require_redis
-
-    require_redis()
-    from tests.support import tasks
-
-    tasks.app.control.purge()
-    with in_thread_worker(tasks.app, pool="threads", concurrency=2) as running:
-        yield running
 
 
 @pytest.fixture
@@ -52,7 +40,7 @@ def request_trace(capture: CaptureServer, name: str, *, waiting_for: str | None 
 
 
 def test_request_task_and_nested_task_are_one_trace(
-    worker: Any, client: TestClient, capture: CaptureServer
+    running_worker: Any, client: TestClient, capture: CaptureServer
 ) -> None:
     response = client.post("/orders/5", headers=USER)
     assert response.status_code == 200
@@ -72,7 +60,7 @@ def test_request_task_and_nested_task_are_one_trace(
 
 
 def test_user_and_session_are_on_every_observation(
-    worker: Any, client: TestClient, capture: CaptureServer
+    running_worker: Any, client: TestClient, capture: CaptureServer
 ) -> None:
     client.post("/orders/1", headers=USER)
 
@@ -85,7 +73,7 @@ def test_user_and_session_are_on_every_observation(
 
 
 def test_async_endpoint_tasks_join_the_request_trace(
-    worker: Any, client: TestClient, capture: CaptureServer
+    running_worker: Any, client: TestClient, capture: CaptureServer
 ) -> None:
     client.post("/async-orders/3", headers=USER)
 
@@ -145,7 +133,7 @@ def test_unhandled_exception_is_an_error(client: TestClient, capture: CaptureSer
 
 
 def test_excluded_path_sends_nothing(
-    client: TestClient, capture: CaptureServer, worker: Any
+    client: TestClient, capture: CaptureServer, running_worker: Any
 ) -> None:
     assert client.get("/health").status_code == 200
     client.get("/v1/items/after-health")  # a marker that arrives after anything /health sent
@@ -193,9 +181,8 @@ def test_incoming_langfuse_headers_bring_user_and_session(capture: CaptureServer
 def test_fastapi_own_tracing_is_reported_and_never_parents_the_request(
     client: TestClient, capture: CaptureServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tests.support.web_apps import fastapi_traced_app
-
     from celery_langfuse.web import _asgi
+    from tests.support.web_apps import fastapi_traced_app
 
     _asgi._warned_about_framework_spans = False
     client.get("/v1/items/start-the-client")  # FastAPI traces only once a provider exists
@@ -208,9 +195,8 @@ def test_fastapi_own_tracing_is_reported_and_never_parents_the_request(
 
 
 def test_identify_that_raises_still_serves_the_request(capture: CaptureServer) -> None:
-    from tests.support.web_apps import v1
-
     from celery_langfuse.web import LangfuseASGIMiddleware
+    from tests.support.web_apps import v1
 
     def broken(request: Any) -> Any:
         raise LookupError("token store down")
@@ -223,10 +209,9 @@ def test_identify_that_raises_still_serves_the_request(capture: CaptureServer) -
 
 
 def test_bad_exclude_paths_fail_when_the_middleware_is_built() -> None:
-    from tests.support.web_apps import v1
-
     from celery_langfuse import ConfigurationError
     from celery_langfuse.web import LangfuseASGIMiddleware
+    from tests.support.web_apps import v1
 
     with pytest.raises(ConfigurationError, match="exclude_paths='/health'"):
         LangfuseASGIMiddleware(v1, exclude_paths="/health")

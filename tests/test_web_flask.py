@@ -7,23 +7,11 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from tests.conftest import flush_in_process, in_thread_worker
 
 from celery_langfuse.testing import CaptureServer, Trace
+from tests.conftest import flush_in_process
 
 USER = {"Authorization": "Bearer user-9"}
-
-
-@pytest.fixture(scope="module")
-def worker(langfuse_capture: CaptureServer) -> Iterator[Any]:
-    from tests.conftest import require_redis
-
-    require_redis()
-    from tests.support import tasks
-
-    tasks.app.control.purge()
-    with in_thread_worker(tasks.app, pool="threads", concurrency=2) as running:
-        yield running
 
 
 @pytest.fixture
@@ -51,7 +39,7 @@ def request_trace(capture: CaptureServer, name: str, *, waiting_for: str | None 
 
 
 def test_request_task_and_nested_task_are_one_trace(
-    worker: Any, client: FlaskClient, capture: CaptureServer
+    running_worker: Any, client: FlaskClient, capture: CaptureServer
 ) -> None:
     assert client.post("/orders/4", headers=USER).get_json()["task_id"]
 

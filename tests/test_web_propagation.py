@@ -15,7 +15,6 @@ import pytest
 import requests
 import uvicorn
 from langfuse import propagate_attributes
-from tests.conftest import flush_in_process, in_thread_worker
 
 from celery_langfuse import client as langfuse_client
 from celery_langfuse.testing import CaptureServer
@@ -26,6 +25,7 @@ from celery_langfuse.web import (
     inject_headers,
     trace_session,
 )
+from tests.conftest import flush_in_process
 
 
 @contextmanager
@@ -56,18 +56,6 @@ def api(langfuse_capture: CaptureServer) -> Iterator[str]:
         yield base_url
 
 
-@pytest.fixture(scope="module")
-def worker(langfuse_capture: CaptureServer) -> Iterator[Any]:
-    from tests.conftest import require_redis
-
-    require_redis()
-    from tests.support import tasks
-
-    tasks.app.control.purge()
-    with in_thread_worker(tasks.app, pool="threads", concurrency=2) as running:
-        yield running
-
-
 @contextmanager
 def calling_service() -> Iterator[Any]:
     """An observation of a service that calls the API, with its own user and session."""
@@ -78,7 +66,7 @@ def calling_service() -> Iterator[Any]:
 
 
 def test_httpx_call_to_uvicorn_continues_through_the_worker(
-    api: str, worker: Any, capture: CaptureServer
+    api: str, running_worker: Any, capture: CaptureServer
 ) -> None:
     http = httpx.Client(event_hooks={"request": [httpx_request_hook]})
     with calling_service() as caller, http:
@@ -157,9 +145,9 @@ def test_extract_reads_header_names_in_any_case() -> None:
 
 def test_untrusted_headers_start_a_new_trace(capture: CaptureServer) -> None:
     from fastapi.testclient import TestClient
-    from tests.support.web_apps import v1
 
     from celery_langfuse.web import LangfuseASGIMiddleware
+    from tests.support.web_apps import v1
 
     edge = LangfuseASGIMiddleware(v1, trust_incoming_headers=False)
     trace_id = "8bf92f3577b34da6a3ce929d0e0e4736"

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .config import ConfigurationError, TracingConfig
     from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
     from .install import Installation, install, uninstall
+    from .sampling import SamplingContext
 
 _EXPORTS = {
     "ConfigurationError": "config",
@@ -29,12 +30,14 @@ _EXPORTS = {
     "Installation": "install",
     "install": "install",
     "uninstall": "install",
+    "SamplingContext": "sampling",
 }
 
 __all__ = [
     "ALL_HEADERS",
     "ConfigurationError",
     "Installation",
+    "SamplingContext",
     "TraceAttributes",
     "TraceParent",
     "TracingConfig",
@@ -49,6 +52,11 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'celery_langfuse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+    imported = importlib.import_module(f".{module}", __name__)
+    # Importing the submodule ``install`` binds the package attribute ``install`` to
+    # that module: rebind every name it exports, so ``install`` is the function
+    # whichever name was asked for first.
+    for exported, source in _EXPORTS.items():
+        if source == module:
+            globals()[exported] = getattr(imported, exported)
+    return globals()[name]

@@ -7,7 +7,11 @@ OpenTelemetry consumers and Langfuse-aware ones both understand it:
   writes them;
 - ``x-langfuse-*`` headers: trace id, parent observation id, and the trace-level
   attributes Langfuse filters on (user, session, tags, trace name, environment,
-  metadata), plus the publish time so the worker can report queue wait.
+  metadata), plus the publish time so the worker can report queue wait, and
+  ``x-langfuse-sampled: 0`` when the trace was sampled out (the W3C sampled flag says
+  the same, but only when the global propagator writes ``traceparent``);
+- for a message celery beat sent: the schedule entry's name and when the run was due,
+  so the worker can score the cron run's health.
 
 Headers are untrusted input. :func:`extract` validates every value and drops what
 does not fit; a bad header means a fresh trace and a debug log, never an exception.
@@ -41,6 +45,9 @@ TRACE_NAME = "x-langfuse-trace-name"
 ENVIRONMENT = "x-langfuse-environment"
 METADATA = "x-langfuse-metadata"
 PUBLISHED_AT = "x-langfuse-published-at"
+SAMPLED = "x-langfuse-sampled"
+CRON_ENTRY = "x-langfuse-cron-entry"
+CRON_DUE_AT = "x-langfuse-cron-due-at"
 
 #: Every header this library writes; a reader may use it to strip or forward them.
 ALL_HEADERS = (
@@ -54,6 +61,9 @@ ALL_HEADERS = (
     ENVIRONMENT,
     METADATA,
     PUBLISHED_AT,
+    SAMPLED,
+    CRON_ENTRY,
+    CRON_DUE_AT,
 )
 
 # Limits follow what Langfuse itself accepts for propagated attributes.
@@ -122,12 +132,23 @@ class TraceParent:
 
 
 @dataclass(frozen=True)
+class CronRun:
+    """A message celery beat sent for one run of a schedule entry."""
+
+    entry: str
+    #: When the run was due (Unix time), if the entry's schedule could tell.
+    due_at: Optional[float] = None
+
+
+@dataclass(frozen=True)
 class Extracted:
     """Everything a consumer reads from one message's headers."""
 
     parent: Optional[TraceParent]
     attributes: TraceAttributes
     published_at: Optional[float]
+    #: Set when beat sent the message; None for every other message.
+    cron: Optional[CronRun] = None
     #: Names of trace headers that were present but invalid, and so ignored.
     malformed: tuple[str, ...] = ()
 
@@ -137,6 +158,7 @@ def inject(
     *,
     parent: Optional[TraceParent],
     attributes: TraceAttributes,
+    cron: Optional[CronRun] = None,
 ) -> None:
     """Write the wire format into ``headers``, keeping every other header as it is.
 
@@ -148,6 +170,10 @@ def inject(
         propagate.inject(headers, context=parent.context())
         headers[TRACE_ID] = parent.trace_id
         headers[PARENT_ID] = parent.parent_id
+        if parent.sampled:
+            headers.pop(SAMPLED, None)  # a retry copies the headers it was sent with
+        else:
+            headers[SAMPLED] = "0"
     if attributes.user_id:
         headers[USER_ID] = attributes.user_id
     if attributes.session_id:
@@ -160,6 +186,10 @@ def inject(
         headers[ENVIRONMENT] = attributes.environment
     if attributes.metadata:
         headers[METADATA] = json.dumps(dict(attributes.metadata), separators=(",", ":"))
+    if cron is not None:
+        headers[CRON_ENTRY] = cron.entry
+        if cron.due_at is not None:
+            headers[CRON_DUE_AT] = f"{cron.due_at:.6f}"
     headers[PUBLISHED_AT] = f"{time.time():.6f}"
 
 
@@ -178,6 +208,7 @@ def extract(headers: Mapping[str, Any]) -> Extracted:
             metadata=reader.metadata(),
         ),
         published_at=reader.timestamp(PUBLISHED_AT),
+        cron=reader.cron_run(),
         malformed=tuple(reader.malformed),
     )
 
@@ -189,9 +220,6 @@ class _Reader:
         self._headers = headers
         self.malformed: list[str] = []
 
-    def _get(self, name: str) -> Any:
-        return self._headers.get(name)
-
     def _drop(self, name: str, raw: Any) -> None:
         self.malformed.append(name)
         log.debug("ignoring malformed %s header: %.100r", name, raw)
@@ -202,8 +230,9 @@ class _Reader:
         trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
         parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
         if trace_id and parent_id:
-            return TraceParent(trace_id, parent_id, sampled=True, from_langfuse=True)
-        raw = self._get(TRACEPARENT)
+            sampled = str(self._headers.get(SAMPLED, "1")).strip() != "0"
+            return TraceParent(trace_id, parent_id, sampled=sampled, from_langfuse=True)
+        raw = self._headers.get(TRACEPARENT)
         if raw is None:
             return None
         match = _TRACEPARENT_RE.fullmatch(raw.strip().lower()) if isinstance(raw, str) else None
@@ -219,7 +248,7 @@ class _Reader:
         return TraceParent(match.group(2), match.group(3), sampled=sampled)
 
     def _matching(self, name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
-        raw = self._get(name)
+        raw = self._headers.get(name)
         if raw is None:
             return None
         if isinstance(raw, str):
@@ -230,7 +259,7 @@ class _Reader:
         return None
 
     def short_string(self, name: str) -> Optional[str]:
-        raw = self._get(name)
+        raw = self._headers.get(name)
         if raw is None:
             return None
         if isinstance(raw, str) and 0 < len(raw) <= _MAX_ATTRIBUTE_CHARS and raw.isascii():
@@ -239,7 +268,7 @@ class _Reader:
         return None
 
     def environment(self) -> Optional[str]:
-        raw = self._get(ENVIRONMENT)
+        raw = self._headers.get(ENVIRONMENT)
         if raw is None:
             return None
         if isinstance(raw, str) and _ENVIRONMENT_RE.fullmatch(raw):
@@ -248,7 +277,7 @@ class _Reader:
         return None
 
     def _json(self, name: str) -> Any:
-        raw = self._get(name)
+        raw = self._headers.get(name)
         if raw is None:
             return None
         if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
@@ -282,8 +311,14 @@ class _Reader:
             and len(item) <= _MAX_ATTRIBUTE_CHARS
         }
 
+    def cron_run(self) -> Optional[CronRun]:
+        entry = self.short_string(CRON_ENTRY)
+        if entry is None:
+            return None
+        return CronRun(entry, due_at=self.timestamp(CRON_DUE_AT))
+
     def timestamp(self, name: str) -> Optional[float]:
-        raw = self._get(name)
+        raw = self._headers.get(name)
         if raw is None:
             return None
         try:

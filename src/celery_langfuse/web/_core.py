@@ -19,8 +19,8 @@ Tracing faults are logged (rate-limited) and never reach the request.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
@@ -31,6 +31,7 @@ from .. import client
 from ..config import ConfigurationError
 from ..headers import TraceAttributes, TraceParent
 from ..logs import warn_rate_limited
+from ..payload import describe_exception
 from ._propagation import extract_context
 from ._request import IncomingRequest
 
@@ -124,7 +125,7 @@ class RequestTrace:
             # Langfuse never sees. Other context values stay as they are.
             base = otel_context.get_current()
             entry = parent.context(base) if parent else set_span_in_context(INVALID_SPAN, base)
-            scope.enter_context(_attached(entry))
+            scope.enter_context(client.attached(entry))
             attributes = _overlay(attributes, _identify(config, request))
             scope.enter_context(client.propagated(attributes))
             observation = scope.enter_context(
@@ -146,7 +147,7 @@ class RequestTrace:
 
     def record_exception(self, exc: BaseException) -> None:
         if isinstance(exc, Exception):
-            self._failure = ("ERROR", _describe(exc))
+            self._failure = ("ERROR", describe_exception(exc))
         else:  # cancelled: the client went away or the server is stopping
             self._failure = ("WARNING", f"request cancelled ({type(exc).__name__})")
 
@@ -229,16 +230,3 @@ def _level(status_code: int | None, failure: tuple[str, str] | None) -> dict[str
     return {}
 
 
-def _describe(exc: BaseException) -> str:
-    message = str(exc)
-    name = type(exc).__name__
-    return f"{name}: {message}"[:1000] if message else name
-
-
-@contextmanager
-def _attached(ctx: otel_context.Context) -> Iterator[None]:
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)

@@ -1,0 +1,249 @@
+"""Cron layer: every run of a beat schedule entry is its own root trace.
+
+Beat marks its messages only with a ``celery_beat_task`` header; which schedule entry
+sent them is known only inside the scheduler. Every scheduler hands a due entry to its
+``apply_async(entry, ...)`` method: Celery's own ``Scheduler`` (and so
+``PersistentScheduler`` and django-celery-beat's ``DatabaseScheduler``) from
+``apply_entry``, celery-redbeat straight from its ``tick``. So on ``beat_init`` (sent by
+standalone and embedded beat alike) that method is wrapped on the scheduler instance:
+the library's only patch, undone by ``uninstall``.
+
+Around each send the wrapper opens the run's root observation ``cron <entry>`` as the
+current span, in a fresh context so it is never a child of anything, with the trace
+named after the entry and tagged ``celery-beat``. The publish handler then records its
+``publish <task>`` child and writes the entry and due time onto the message, from which
+the worker scores the run's health (see ``client.score_cron_run``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+import langfuse
+from celery import Celery
+from celery.schedules import crontab, solar
+from celery.schedules import schedule as interval
+from celery.utils.time import humanize_seconds
+from opentelemetry import context as otel_context
+
+from . import client
+from .config import TracingConfig
+from .headers import CronRun
+from .logs import warn_rate_limited
+from .payload import capture
+
+log = logging.getLogger(__name__)
+
+BEAT_TAG = "celery-beat"
+_HOSTNAME = socket.gethostname()
+
+
+def _every_task(task_name: str) -> bool:
+    return True
+
+
+class BeatTracing:
+    """The beat-side handler of one installation: wraps its app's scheduler.
+
+    ``is_traced(task_name)`` decides whether an entry's runs are traced at all; an
+    entry whose task it rejects is sent exactly as without this library.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        config: TracingConfig,
+        is_traced: Callable[[str], bool] = _every_task,
+    ) -> None:
+        self.app = app
+        self.config = config
+        self.is_traced = is_traced
+        self._schedulers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._sending_each_run: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def on_beat_init(self, sender: Any = None, **_: Any) -> None:
+        """``beat_init``: ``sender`` is the beat service, standalone or embedded."""
+        try:
+            scheduler = sender.scheduler
+            if scheduler.app is self.app:
+                self.wrap(scheduler)
+                # Built now rather than on the first due entry, which it would delay.
+                client.get_langfuse()
+        except Exception:
+            warn_rate_limited(log, "beat-init", "celery-langfuse: could not trace celery beat")
+
+    def on_beat_embedded_init(self, sender: Any = None, **_: Any) -> None:
+        """``beat_embedded_init`` (``celery worker -B``), sent after ``beat_init``.
+
+        The worker ends its beat child with SIGTERM and the child leaves without exit
+        hooks, so nothing buffered survives it: this beat sends each run's
+        observations as soon as the run is sent. A standalone beat does not, because
+        its exit flush covers it and with Langfuse unreachable the extra export
+        attempts cost it measurable jitter (see benchmarks/beat_jitter.py).
+        """
+        self.on_beat_init(sender)
+        try:
+            if sender.scheduler in self._schedulers:
+                self._sending_each_run.add(sender.scheduler)
+        except Exception:
+            warn_rate_limited(log, "beat-init", "celery-langfuse: could not trace celery beat")
+
+    def wrap(self, scheduler: Any) -> None:
+        """Trace every entry ``scheduler`` sends. Idempotent."""
+        if _wrapped(scheduler) is not None:
+            return
+        send = scheduler.apply_async
+
+        @functools.wraps(send)
+        def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
+            with self._cron_run(scheduler, entry):
+                return send(entry, *args, **kwargs)
+
+        apply_async.__celery_langfuse_wraps__ = send  # type: ignore[attr-defined]
+        scheduler.apply_async = apply_async
+        self._schedulers.add(scheduler)
+
+    def unwrap(self) -> None:
+        """Give every wrapped scheduler its own ``apply_async`` back."""
+        for scheduler in list(self._schedulers):
+            if _wrapped(scheduler) is not None:
+                del scheduler.apply_async
+        self._schedulers.clear()
+        self._sending_each_run.clear()
+
+    @contextmanager
+    def _cron_run(self, scheduler: Any, entry: Any) -> Iterator[None]:
+        scope = ExitStack()
+        root = None
+        try:
+            if self.is_traced(entry.task):
+                root = self._open_root(scope, scheduler, entry)
+        except Exception:
+            scope.close()
+            warn_rate_limited(
+                log, "beat", "celery-langfuse: could not trace beat entry %r", entry.name
+            )
+        try:
+            yield
+        except Exception as exc:
+            if root is not None:
+                _record_not_sent(root, entry.name, exc)
+            raise
+        finally:
+            if root is not None:
+                _close(scope, send_now=scheduler in self._sending_each_run)
+
+    def _open_root(self, scope: ExitStack, scheduler: Any, entry: Any) -> Any:
+        sent_at = time.time()
+        lateness = _lateness_seconds(entry)
+        due_at = None if lateness is None else sent_at - lateness
+        # An empty context: the run's root is never a child of whatever is current.
+        token = otel_context.attach(otel_context.Context())
+        scope.callback(otel_context.detach, token)
+        scope.enter_context(
+            langfuse.propagate_attributes(trace_name=entry.name, tags=[BEAT_TAG])
+        )
+        scope.enter_context(client.sending_cron_run(CronRun(entry.name, due_at)))
+        return scope.enter_context(
+            client.get_langfuse().start_as_current_observation(
+                name=f"cron {entry.name}",
+                as_type="span",
+                input=self._capture_input(entry),
+                metadata={
+                    "cron_entry": entry.name,
+                    "task": entry.task,
+                    "schedule": describe_schedule(entry.schedule),
+                    "due_at": _iso(due_at),
+                    "sent_at": _iso(sent_at),
+                    "lateness_seconds": None if lateness is None else round(lateness, 3),
+                    # The entry still holds the count before this run.
+                    "run_count": (getattr(entry, "total_run_count", 0) or 0) + 1,
+                    "beat_host": _HOSTNAME,
+                    "scheduler": type(scheduler).__name__,
+                },
+            )
+        )
+
+    def _capture_input(self, entry: Any) -> Any:
+        if not self.config.capture_input:
+            return None
+        limit = self.config.max_payload_chars
+        return {"args": capture(entry.args, limit), "kwargs": capture(entry.kwargs, limit)}
+
+
+def _record_not_sent(root: Any, entry_name: str, exc: Exception) -> None:
+    # The message never left, so no worker will score this run: beat does.
+    try:
+        status = f"not sent: {type(exc).__name__}: {exc}"[:1000]
+        root.update(level="ERROR", status_message=status)
+        client.score_cron_run(
+            root.trace_id, success=False, comment=status, metadata={"cron_entry": entry_name}
+        )
+    except Exception:
+        warn_rate_limited(log, "beat-failed", "celery-langfuse: could not record a failed send")
+
+
+def _close(scope: ExitStack, *, send_now: bool) -> None:
+    try:
+        scope.close()
+        if send_now:
+            client.flush_in_background()
+    except Exception:
+        warn_rate_limited(log, "beat-close", "celery-langfuse: could not close a beat run")
+
+
+def describe_schedule(schedule: Any) -> str:
+    """A schedule as a person reads it: cron fields, an interval, or its repr."""
+    if isinstance(schedule, crontab):
+        fields = " ".join(
+            str(field)
+            for field in (
+                schedule._orig_minute,
+                schedule._orig_hour,
+                schedule._orig_day_of_month,
+                schedule._orig_month_of_year,
+                schedule._orig_day_of_week,
+            )
+        )
+        return f"crontab {fields} (m h dom mon dow, {schedule.tz})"
+    if isinstance(schedule, interval):
+        return str(humanize_seconds(schedule.seconds, prefix="every "))
+    if isinstance(schedule, solar):
+        return f"solar {schedule.event} at {schedule.lat}, {schedule.lon}"
+    return repr(schedule)[:200]
+
+
+def _lateness_seconds(entry: Any) -> Optional[float]:
+    """Seconds since the entry's run was due, if its schedule can tell."""
+    last_run_at = getattr(entry, "last_run_at", None)
+    if last_run_at is None:  # never ran (celery-redbeat): due "now", nothing to measure
+        return None
+    try:
+        remaining = entry.schedule.remaining_estimate(last_run_at)
+    except Exception:  # custom schedules may not implement it
+        log.debug("celery-langfuse: no due time for entry %r", entry.name, exc_info=True)
+        return None
+    if remaining is None:
+        return None
+    # Beat sends up to 10 ms early on purpose (Scheduler.adjust); that is not "late".
+    return max(-float(remaining.total_seconds()), 0.0)
+
+
+def _wrapped(scheduler: Any) -> Optional[Callable[..., Any]]:
+    """The original ``apply_async`` if this library wrapped ``scheduler``'s."""
+    own = vars(scheduler).get("apply_async")
+    return getattr(own, "__celery_langfuse_wraps__", None)
+
+
+def _iso(timestamp: Optional[float]) -> Optional[str]:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
