@@ -16,7 +16,11 @@ from celery_langfuse import install
 BROKER = os.environ.get("CELERY_LANGFUSE_TEST_BROKER", "redis://127.0.0.1:6379/1")
 QUEUE = os.environ.get("CELERY_LANGFUSE_TEST_QUEUE", "celery-langfuse-tests")
 
-app = Celery("support", broker=BROKER, backend=BROKER.replace("amqp://", "rpc://") if BROKER.startswith("amqp") else BROKER)
+app = Celery(
+    "support",
+    broker=BROKER,
+    backend=BROKER.replace("amqp://", "rpc://") if BROKER.startswith("amqp") else BROKER,
+)
 app.conf.update(
     task_default_queue=QUEUE,
     task_serializer="json",
