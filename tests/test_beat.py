@@ -454,6 +454,21 @@ def test_an_entry_whose_task_is_not_traced_sends_nothing_to_langfuse(
     assert [t.name for t in server.traces()] == []
 
 
+def test_an_entry_whose_task_is_excluded_by_configuration_sends_nothing_to_langfuse(
+    installed: InstalledApp,
+) -> None:
+    app, queue, server = installed.app, installed.queue, installed.server
+    uninstall(app)
+    install(app, exclude_tasks=["celery.*", ADD])
+    with started_beat(app, beat.Scheduler) as service:
+        scheduler = service.scheduler
+        scheduler.apply_entry(due_entry(app, f"excluded-{queue}"), producer=scheduler.producer)
+    flush_in_process()
+    assert _queued(queue) == 1
+    assert "x-langfuse-cron-entry" not in _queued_headers(queue)
+    assert [t.name for t in server.traces()] == []
+
+
 def test_wrapping_is_idempotent_and_undone_by_uninstall(
     installed: InstalledApp,
 ) -> None:

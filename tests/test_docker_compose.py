@@ -13,6 +13,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from tests.conftest import ROOT
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"

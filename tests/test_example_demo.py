@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 from example_project import demo
+
 from tests.conftest import REDIS_URL, ROOT, require_redis
 
 

@@ -22,9 +22,13 @@ def test_green_pool_runs_nest_in_the_producers_trace(
     with worker_process(capture.env, "-P", pool, "-c", "10", tmp_path=tmp_path) as worker:
         with get_client().start_as_current_observation(name="request") as root:
             with propagate_attributes(user_id="green-user"):
-                results = [tasks_app.spawn_child.apply_async((i,), queue=worker.queue) for i in range(10)]
+                results = [
+                    tasks_app.spawn_child.apply_async((i,), queue=worker.queue) for i in range(10)
+                ]
                 results.append(tasks_app.slow.apply_async((0.2,), queue=worker.queue))
-                results.append(tasks_app.flaky.apply_async(kwargs={"succeed_on": 1}, queue=worker.queue))
+                results.append(
+                    tasks_app.flaky.apply_async(kwargs={"succeed_on": 1}, queue=worker.queue)
+                )
         for result in results:
             result.get(timeout=30)
 

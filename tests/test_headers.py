@@ -128,3 +128,32 @@ def test_environment_reserved_prefix_is_rejected() -> None:
         headers.extract({"x-langfuse-environment": "prod-eu_1"}).attributes.environment
         == "prod-eu_1"
     )
+
+
+def test_a_sampled_out_trace_says_so_in_both_views() -> None:
+    out: dict[str, object] = {}
+    headers.inject(
+        out, parent=TraceParent(TRACE_ID, SPAN_ID, sampled=False), attributes=TraceAttributes()
+    )
+    assert out["traceparent"] == f"00-{TRACE_ID}-{SPAN_ID}-00"
+    assert out["x-langfuse-sampled"] == "0"
+    back = headers.extract(out)
+    assert back.parent == TraceParent(TRACE_ID, SPAN_ID, sampled=False, from_langfuse=True)
+
+    # a retry of that message, published in a sampled trace, must not stay "sampled out"
+    headers.inject(
+        out, parent=TraceParent(TRACE_ID, SPAN_ID, sampled=True), attributes=TraceAttributes()
+    )
+    assert "x-langfuse-sampled" not in out
+    assert headers.extract(out).parent == TraceParent(TRACE_ID, SPAN_ID, True, True)
+
+
+def test_the_sampled_flag_survives_without_a_traceparent() -> None:
+    # another global propagator (B3, say) writes no traceparent: our header still tells
+    out = {
+        "x-langfuse-trace-id": TRACE_ID,
+        "x-langfuse-parent-id": SPAN_ID,
+        "x-langfuse-sampled": "0",
+    }
+    parent = headers.extract(out).parent
+    assert parent is not None and parent.sampled is False

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from celery import Celery, signals
 
 from celery_langfuse import client, install, uninstall
+
+
+@pytest.fixture(autouse=True)
+def langfuse_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys present, so install() connects its handlers (without them it connects none)."""
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-install")
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-install")
 
 
 def _publish_receivers() -> int:

@@ -3,16 +3,20 @@ warm shutdown, and an unreachable Langfuse."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from langfuse import get_client, propagate_attributes
+from redis import Redis
 
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import worker_process
+from tests.conftest import REDIS_URL, worker_process
 
 pytestmark = pytest.mark.timeout(120)
 ADD = "tests.support.tasks.add"
@@ -83,6 +87,39 @@ def test_warm_shutdown_by_sigterm_loses_nothing(
     assert len(runs_of(capture, ids)) == 2
 
 
+def test_a_child_killed_mid_task_closes_its_run_as_an_error_and_the_worker_keeps_tracing(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    name = "tests.support.tasks.report_pid_and_sleep"
+    pid_key = f"celery-langfuse-test-pid-{uuid.uuid4().hex}"
+    with worker_process(capture.env, "-P", "prefork", "-c", "1", tmp_path=tmp_path) as worker:
+        with get_client().start_as_current_observation(name="request") as root:
+            doomed = tasks_app.report_pid_and_sleep.apply_async((pid_key, 60), queue=worker.queue)
+        redis = Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 20
+        while (pid := redis.get(pid_key)) is None:
+            assert time.monotonic() < deadline, worker.log()
+            time.sleep(0.05)
+        os.kill(int(pid), signal.SIGKILL)
+        with pytest.raises(Exception, match="Worker exited prematurely"):
+            doomed.get(timeout=20)
+        # The pool replaces the child; the new one traces as before.
+        after = tasks_app.add.apply_async((1, 2), queue=worker.queue)
+        assert after.get(timeout=20) == 3
+        capture.wait_for(lambda s: s.trace(root.trace_id).find(name), timeout=20)
+        capture.wait_for(lambda s: runs_of(s, {after.id}), timeout=20)
+
+    trace = capture.trace(root.trace_id)
+    lost = trace.find(name)
+    assert lost.level == "ERROR"
+    assert "the process running it died" in (lost.status_message or "")
+    assert "WorkerLostError" in (lost.status_message or "")
+    assert lost.metadata["task_id"] == doomed.id
+    assert lost.parent_id == trace.find(f"publish {name}").id
+    assert trace.orphans() == []
+    assert runs_of(capture, {after.id})[after.id].output == 3
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,3 +144,32 @@ def test_langfuse_unreachable_tasks_succeed_and_shutdown_meets_the_deadline(
     # Celery's own shutdown; an unbounded flush would retry exports for much longer.
     assert shutdown_seconds < 2 * 2 + 4, worker.log()
     assert "giving up so shutdown is not delayed" in worker.log() or shutdown_seconds < 4
+
+
+@pytest.mark.parametrize(
+    ("status", "delay", "retry_after"),
+    [(500, 0.0, None), (503, 0.0, None), (429, 0.0, 5.0), (200, 10.0, None)],
+    ids=["500", "503", "429-retry-after", "slow-10s"],
+)
+def test_failing_or_slow_langfuse_never_fails_a_task_and_shutdown_meets_the_deadline(
+    tasks_app: Any,
+    capture: CaptureServer,
+    tmp_path: Path,
+    status: int,
+    delay: float,
+    retry_after: Optional[float],
+) -> None:
+    capture.set_response(status, delay=delay, retry_after=retry_after)
+    env = {**capture.env, "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "2"}
+    with worker_process(env, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker:
+        started = time.monotonic()
+        results = [tasks_app.add.apply_async((i, i), queue=worker.queue) for i in range(40)]
+        assert [r.get(timeout=30) for r in results] == [i + i for i in range(40)]
+        elapsed = time.monotonic() - started
+        capture.wait_for(lambda s: s.requests > 0, timeout=10)  # the exporters did try
+        shutdown_seconds = worker.stop()
+    # A healthy run of 40 tasks takes well under a second; a task waiting on an export
+    # would take the export's 5 s timeout, or the 10 s delay.
+    assert elapsed < 4, elapsed
+    assert shutdown_seconds < 2 * 2 + 4, worker.log()
+    assert "Traceback" not in worker.log(), worker.log()

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .config import ConfigurationError, TracingConfig
     from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
     from .install import Installation, install, uninstall
+    from .sampling import SamplingContext
 
 _EXPORTS = {
     "ConfigurationError": "config",
@@ -29,12 +30,14 @@ _EXPORTS = {
     "Installation": "install",
     "install": "install",
     "uninstall": "install",
+    "SamplingContext": "sampling",
 }
 
 __all__ = [
     "ALL_HEADERS",
     "ConfigurationError",
     "Installation",
+    "SamplingContext",
     "TraceAttributes",
     "TraceParent",
     "TracingConfig",

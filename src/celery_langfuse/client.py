@@ -1,13 +1,18 @@
 """The one Langfuse client of the process, and the few SDK details the handlers need.
 
-The client is created lazily, on first use, through ``langfuse.get_client()`` (so the
-``LANGFUSE_*`` environment variables keep their meaning). Lazy creation matters for
-prefork: ``install(app)`` runs at import time in the parent, before the pool forks,
-and each child then builds its own exporter. The SDK re-creates its threads after a
-fork too, so a client made before the fork also keeps working.
+The client is created lazily, on first use, in :func:`_create_client`: the client the
+user already made, if any, else a new one from the ``LANGFUSE_*`` environment variables
+(which keep their meaning) and the installation's flush settings. Lazy creation
+matters for prefork: ``install(app)`` runs at import time in the parent, before the
+pool forks, and each child then builds its own exporter. The SDK re-creates its
+threads after a fork too, so a client made before the fork also keeps working.
 
 :func:`flush` bounds the SDK's ``flush()``, which has no deadline of its own: a worker
 must never hang at shutdown because Langfuse is unreachable.
+
+In durable mode the client is created at ``install()``, with an exporter that writes
+to the durable queue (:mod:`celery_langfuse.durable`), so that
+``langfuse.get_client()`` in user code, called later, shares it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,13 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import langfuse
@@ -26,7 +34,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Status, StatusCode
 
-from .headers import CronRun, TraceAttributes, with_app_root_claim
+from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
+from .sampling import new_span_id
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,31 @@ _client: Optional[langfuse.Langfuse] = None
 exit_flush_timeout = 3.0
 
 
+@dataclass(frozen=True)
+class DurableExport:
+    """Where durable mode queues spans (the ``durable_*`` settings of ``install``)."""
+
+    url: str
+    queue: str
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What this library passes to the client it creates; None leaves the SDK's own."""
+
+    flush_at: Optional[int] = None
+    flush_interval: Optional[float] = None
+    #: Durable mode: spans go to this queue instead of straight to Langfuse.
+    durable: Optional[DurableExport] = None
+
+
+#: Set by ``install`` before the client exists; a client made earlier keeps its own.
+client_settings = ClientSettings()
+#: Whether this library made the client with ``client_settings`` (False: it found one).
+created_with_settings = False
+
+
 def get_langfuse() -> langfuse.Langfuse:
     """The process's Langfuse client, created on first use."""
     global _client
@@ -43,12 +77,67 @@ def get_langfuse() -> langfuse.Langfuse:
     if client is None:
         with _lock:
             if _client is None:
-                _client = langfuse.get_client()
+                _client = _create_client()
                 # Registered after the SDK's own (unbounded) exit hook, so it runs
                 # first; shutting the client down unregisters the SDK's hook.
                 atexit.register(_shutdown_at_exit)
             client = _client
     return client
+
+
+def _create_client() -> langfuse.Langfuse:
+    """The one place a client is made: the user's, if they made one, else ours.
+
+    ``Langfuse(...)`` reads keys, base URL, environment and everything else from the
+    ``LANGFUSE_*`` variables as ``get_client()`` would; only the flush batch size and
+    interval come from the installation. A client the user created first (with its
+    own keys or settings) is never replaced.
+    """
+    global created_with_settings
+    if sdk_client_exists():
+        if client_settings.durable is not None:
+            log.warning(
+                "celery-langfuse: export='durable' is not in effect: a Langfuse client "
+                "existed before install(), and the SDK keeps the first one; call install() "
+                "before langfuse.get_client() or Langfuse()"
+            )
+        return langfuse.get_client()
+    created_with_settings = True
+    return langfuse.Langfuse(
+        flush_at=client_settings.flush_at,
+        flush_interval=client_settings.flush_interval,
+        span_exporter=_durable_exporter(client_settings.durable),
+    )
+
+
+def _durable_exporter(durable: Optional[DurableExport]) -> Any:
+    if durable is None:
+        return None  # the SDK's own exporter, straight to Langfuse
+    from .durable import DurableSpanExporter, SpanQueue
+
+    return DurableSpanExporter(SpanQueue.from_url(durable.url, durable.queue), durable.max_bytes)
+
+
+def sdk_client_exists() -> bool:
+    """Whether a Langfuse client already exists in this process (the user's or ours).
+
+    The SDK has no public way to ask this without creating one; this reads its private
+    registry. Kept in this one function and covered by tests/test_sdk_contract.py.
+    """
+    if "langfuse" not in sys.modules:
+        return False
+    from langfuse._client.resource_manager import LangfuseResourceManager
+
+    with LangfuseResourceManager._lock:
+        return bool(LangfuseResourceManager._instances)
+
+
+def langfuse_keys_configured() -> bool:
+    """Whether a client could authenticate: both keys in the environment, or a client
+    already made (with keys given in code)."""
+    return bool(
+        os.environ.get("LANGFUSE_PUBLIC_KEY") and os.environ.get("LANGFUSE_SECRET_KEY")
+    ) or sdk_client_exists()
 
 
 class attached:  # lower case: used like the function-style context managers beside it
@@ -142,6 +231,41 @@ def _call_logged(action: Callable[[], None]) -> None:
         log.warning("celery-langfuse: Langfuse flush failed", exc_info=True)
 
 
+# -- roots of traces this library starts -------------------------------------------
+
+
+@contextmanager
+def root_observation(
+    trace_id: str, *, name: str, start_time_ns: Optional[int] = None, **fields: Any
+) -> Iterator[Observation]:
+    """A parentless span observation in trace ``trace_id``, current inside the block.
+
+    For traces whose id is drawn before they start (so the sampling decision can be
+    made first) and for failures kept from a sampled-out trace. ``start_time_ns``
+    backdates the observation to when the work began.
+    """
+    observation = start_observation(name, root_of=trace_id, start_time_ns=start_time_ns, **fields)
+    try:
+        with attached(context_with(observation)):
+            yield observation
+    finally:
+        observation.end()
+
+
+def _make_root(span: Any) -> None:
+    """Drop the made-up parent of a span started in a chosen trace.
+
+    Started under a remote parent span id of that trace (see :func:`start_observation`),
+    Langfuse would show it as the child of an observation that does not exist (an
+    orphan, not the root). The OTel SDK span keeps its parent in ``_parent``, read when
+    it is exported; it is cleared here, right after the span started and before
+    anything else can see it. tests/test_sdk_contract.py fails if that changes. A
+    non-recording span (sampled out by the SDK's own sampler) has none.
+    """
+    if hasattr(span, "_parent"):
+        span._parent = None
+
+
 # -- trace-level attributes -------------------------------------------------------
 #
 # `langfuse.propagate_attributes` keeps user/session/tags/... in the OTel context under
@@ -231,6 +355,7 @@ _LEVEL = "langfuse.observation.level"
 _STATUS_MESSAGE = "langfuse.observation.status_message"
 _ENVIRONMENT = "langfuse.environment"
 _RELEASE = "langfuse.release"
+_AS_ROOT = "langfuse.internal.as_root"
 
 
 class Observation:
@@ -299,17 +424,20 @@ def start_observation(
     metadata: Optional[dict[str, Any]] = None,
     level: Optional[str] = None,
     status_message: Optional[str] = None,
+    root_of: Optional[str] = None,
+    start_time_ns: Optional[int] = None,
 ) -> Observation:
-    """Start a Langfuse span observation as a child of ``context`` (default: current).
+    """Start a Langfuse span observation as a child of ``context`` (default: current),
+    or, with ``root_of``, as the parentless root of that trace id.
 
     The lean equivalent of ``get_langfuse().start_observation(as_type="span", ...)``
     for the signal handlers: see the comment above. Not made current; use
-    :func:`context_with` for that.
+    :func:`context_with` for that. ``start_time_ns`` backdates it.
     """
     client = get_langfuse()
     mask = getattr(client, "_mask", None)
     # Everything known at the start goes in with the span: one pass over the attributes.
-    attributes = dict(_static_attributes(client))
+    attributes: dict[str, Any] = dict(_static_attributes(client))
     if input is not None:
         attributes[_INPUT] = _json(input, mask)
     if metadata:
@@ -320,8 +448,16 @@ def start_observation(
         attributes[_LEVEL] = level
     if status_message is not None:
         attributes[_STATUS_MESSAGE] = status_message
+    if root_of is not None:
+        # OTel starts a span in a given trace only under a parent of that trace: a
+        # made-up remote one, dropped by _make_root once the span has started. Marked
+        # as a root the way the SDK marks spans started with `trace_context=`.
+        context = TraceParent(root_of, new_span_id()).context(context)
+        attributes[_AS_ROOT] = True
     tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer, its scope and processor
-    span = tracer.start_span(name, context=context, attributes=attributes)
+    span = tracer.start_span(name, context=context, attributes=attributes, start_time=start_time_ns)
+    if root_of is not None:
+        _make_root(span)
     if level == "ERROR":
         span.set_status(Status(StatusCode.ERROR, description=status_message))
     return Observation(span, mask)

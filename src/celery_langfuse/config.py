@@ -1,72 +1,325 @@
-"""Settings of one installation, validated at ``install()`` with errors for people."""
+"""Settings of one installation: where each comes from, presets, and errors for people.
+
+Every setting is resolved once, at ``install()``, from the first source that has it:
+
+1. an ``install(app, **options)`` argument;
+2. a ``CELERY_LANGFUSE_<SETTING>`` environment variable;
+3. for ``flush_at`` / ``flush_interval`` only, the SDK's own ``LANGFUSE_FLUSH_AT`` /
+   ``LANGFUSE_FLUSH_INTERVAL`` (the SDK variables keep their meaning);
+4. the environment preset (``development``, ``staging``, ``production``), chosen by
+   the ``preset`` setting or, without one, by ``LANGFUSE_TRACING_ENVIRONMENT``;
+5. the default.
+
+A wrong value raises :class:`ConfigurationError` naming the setting as it was given
+(``sample_rate=1.5`` or ``CELERY_LANGFUSE_SAMPLE_RATE='1.5'``), the value, and what
+is allowed. Patterns and masks are compiled here, once, so the handlers never parse a
+setting or read the environment per task.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Any
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Optional
+
+from .payload import PayloadCapture, Redactor
+from .sampling import Sampler, TaskPolicy
 
 
 class ConfigurationError(ValueError):
     """A setting has a value that is not allowed; the message names both."""
 
 
+ENV_PREFIX = "CELERY_LANGFUSE_"
+
+#: The values each preset sets; any of them can still be overridden.
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "development": dict(flush_at=1, flush_interval=1.0, sample_rate=1.0, keep_failures=True),
+    "staging": dict(flush_at=15, flush_interval=5.0, sample_rate=0.5, keep_failures=True),
+    "production": dict(flush_at=25, flush_interval=5.0, sample_rate=0.1, keep_failures=True),
+}
+#: ``LANGFUSE_TRACING_ENVIRONMENT`` values (and ``preset`` spellings) naming a preset.
+PRESET_ALIASES: Mapping[str, str] = {
+    "development": "development",
+    "dev": "development",
+    "local": "development",
+    "staging": "staging",
+    "stage": "staging",
+    "production": "production",
+    "prod": "production",
+}
+
+
 @dataclass(frozen=True)
 class TracingConfig:
-    """What ``install(app, **options)`` accepts.
+    """What ``install(app, **options)`` accepts; see docs/configuration.md.
 
+    enabled:
+        Trace at all. Off, ``install`` connects nothing.
+    preset:
+        ``development``, ``staging`` or ``production``: flush batch size and interval,
+        sample rate, keep failures. Defaults from ``LANGFUSE_TRACING_ENVIRONMENT``.
+    sample_rate:
+        Share of new traces kept, decided from the trace id (0 to 1).
+    keep_failures:
+        A task that fails in a sampled-out trace is still recorded, as the root of
+        its trace, with its input and error.
+    task_sample_rates:
+        ``{fnmatch pattern: rate}`` for traces that start with a matching task; the
+        first matching pattern wins.
+    sampler:
+        ``sampler(SamplingContext) -> rate | bool`` for new traces whose task matches
+        no ``task_sample_rates`` pattern.
+    exclude_tasks:
+        fnmatch patterns of tasks never traced; Celery's own ``celery.*`` by default.
     capture_input / capture_output:
         Record task args/kwargs and return values on the run observation.
+    capture_exclude_tasks:
+        fnmatch patterns of tasks whose input and output are never captured (a task
+        can also say so itself: ``@app.task(langfuse_capture=False)``).
+    redact_keys:
+        More key names whose values are replaced by ``[REDACTED]``, on top of the
+        built-in list (password, token, api_key, authorization, cookie, ...).
+    mask:
+        ``mask(value) -> value``, applied to every captured input and output after
+        redaction; if it raises, the value is not captured.
     max_payload_chars:
         Upper bound on the JSON size of one captured input or output; larger values
         are cut with a visible ``...[truncated]`` marker.
+    flush_at / flush_interval:
+        The SDK's export batch size and interval (seconds); ``None`` leaves the SDK's
+        own (``LANGFUSE_FLUSH_AT`` / ``LANGFUSE_FLUSH_INTERVAL``, else 512 / 5 s).
+        Applied when this library creates the process's Langfuse client.
     flush_timeout:
         Seconds a process may spend sending buffered observations when it shuts down
         (prefork child exit, worker shutdown, interpreter exit).
     max_open_runs:
         Upper bound on task runs tracked at once in one process; past it the oldest
         run is closed (level WARNING) so the registry can never grow without bound.
+    export:
+        ``"direct"``: the SDK sends spans to Langfuse itself. ``"durable"``: spans go
+        to a bounded queue in Redis, and ``celery-langfuse forward`` sends them on,
+        deleting each batch only once Langfuse accepted it (docs/reliability.md).
+    durable_url:
+        The Redis that holds the durable queue (``redis://``, ``rediss://`` or
+        ``unix://``); required with ``export="durable"``, refused without it.
+    durable_queue:
+        Name of the durable queue, so several apps or projects can share one Redis.
+    durable_max_bytes:
+        Upper bound on the span data the durable queue holds; past it the oldest
+        batches are dropped, counted and logged.
     """
 
+    enabled: bool = True
+    preset: Optional[str] = None
+    sample_rate: float = 1.0
+    keep_failures: bool = True
+    task_sample_rates: Mapping[str, float] = field(default_factory=dict, hash=False)
+    sampler: Optional[Sampler] = None
+    exclude_tasks: Sequence[str] = ("celery.*",)
     capture_input: bool = True
     capture_output: bool = True
+    capture_exclude_tasks: Sequence[str] = ()
+    redact_keys: Sequence[str] = ()
+    mask: Optional[Callable[[Any], Any]] = None
     max_payload_chars: int = 10_000
+    flush_at: Optional[int] = None
+    flush_interval: Optional[float] = None
     flush_timeout: float = 3.0
     max_open_runs: int = 10_000
+    export: str = "direct"
+    durable_url: Optional[str] = None
+    durable_queue: str = "celery-langfuse"
+    durable_max_bytes: int = 256 * 1024 * 1024
+
+    #: Compiled from the settings above: task-name rules and sampling decisions.
+    policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
+    #: Compiled from the settings above: how one input or output is captured.
+    payload: PayloadCapture = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        for name in ("capture_input", "capture_output"):
-            _require(name, getattr(self, name), isinstance(getattr(self, name), bool), "true or false")
-        _require(
-            "max_payload_chars",
-            self.max_payload_chars,
-            _is_int(self.max_payload_chars) and 64 <= self.max_payload_chars <= 10_000_000,
-            "a whole number from 64 to 10000000",
+        for setting in _SETTINGS:
+            value = getattr(self, setting.name)
+            _require(f"{setting.name}={value!r}", value, setting)
+        if (self.export == "durable") != (self.durable_url is not None):
+            raise ConfigurationError(
+                f"celery-langfuse setting durable_url={self.durable_url!r}: must be "
+                + (
+                    "set when export='durable'"
+                    if self.export == "durable"
+                    else "unset unless export='durable'"
+                )
+            )
+        # Normalised so that equal settings compare equal, however they were given.
+        object.__setattr__(self, "task_sample_rates", dict(self.task_sample_rates))
+        for name in ("exclude_tasks", "capture_exclude_tasks", "redact_keys"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.preset is not None:
+            object.__setattr__(self, "preset", PRESET_ALIASES[self.preset.lower()])
+        object.__setattr__(
+            self,
+            "policy",
+            TaskPolicy(
+                exclude_tasks=self.exclude_tasks,
+                task_sample_rates=self.task_sample_rates,
+                capture_exclude_tasks=self.capture_exclude_tasks,
+                sample_rate=self.sample_rate,
+                sampler=self.sampler,
+                keep_failures=self.keep_failures,
+            ),
         )
-        _require(
-            "flush_timeout",
-            self.flush_timeout,
-            _is_number(self.flush_timeout) and 0 < self.flush_timeout <= 300,
-            "a number of seconds above 0 and at most 300",
+        object.__setattr__(
+            self,
+            "payload",
+            PayloadCapture(self.max_payload_chars, Redactor(self.redact_keys), self.mask),
         )
-        _require(
-            "max_open_runs",
-            self.max_open_runs,
-            _is_int(self.max_open_runs) and self.max_open_runs >= 1,
-            "a whole number of at least 1",
-        )
+        if "_sources" not in self.__dict__:
+            defaults = TracingConfig.__dataclass_fields__
+            object.__setattr__(
+                self,
+                "_sources",
+                {
+                    f.name: "argument"
+                    for f in fields(self)
+                    if f.init and getattr(self, f.name) != _default_of(defaults[f.name])
+                },
+            )
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> TracingConfig:
-        """Build from ``install()`` keyword arguments, rejecting unknown names."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+    def resolve(
+        cls, options: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+    ) -> TracingConfig:
+        """The settings of one ``install(app, **options)``, from every source in order."""
+        environ = os.environ if environ is None else environ
+        unknown = sorted(set(options) - set(SETTING_NAMES))
         if unknown:
             raise ConfigurationError(
                 f"install() got unknown option(s) {', '.join(unknown)}; "
-                f"allowed: {', '.join(sorted(known))}"
+                f"allowed: {', '.join(sorted(SETTING_NAMES))}"
             )
-        return cls(**options)
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for setting in _SETTINGS:
+            found = _from_sources(setting, options, environ, values.get("preset"))
+            if found is not None:
+                values[setting.name], sources[setting.name] = found
+        config = cls(**values)
+        object.__setattr__(config, "_sources", sources)
+        return config
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TracingConfig:
+        """Build from ``install()`` keyword arguments and the environment."""
+        return cls.resolve(options)
+
+    def source_of(self, name: str) -> str:
+        """Where the value of setting ``name`` came from, for people (and ``doctor``)."""
+        sources: dict[str, str] = self.__dict__["_sources"]
+        return sources.get(name, "default")
+
+    def traces_task(self, task_name: str) -> bool:
+        """Whether runs of ``task_name`` are traced at all: not excluded by
+        ``exclude_tasks`` (and tracing enabled). For other layers, such as beat."""
+        return self.enabled and self.policy.traces_task(task_name)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    name: str
+    check: Callable[[Any], bool]
+    allowed: str
+    parse: Optional[Callable[[str], Any]] = None  # None: not settable from the environment
+    sdk_env: Optional[str] = None
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+def _from_sources(
+    setting: _Setting, options: Mapping[str, Any], environ: Mapping[str, str], preset: Optional[str]
+) -> Optional[tuple[Any, str]]:
+    """``(value, source)`` from the first source that sets ``setting``, validated."""
+    name = setting.name
+    if name in options:
+        value = options[name]
+        _require(f"{name}={value!r}", value, setting)
+        return value, "install()"
+    for variable in (setting.env, setting.sdk_env):
+        if variable is None or setting.parse is None:
+            continue
+        raw = environ.get(variable)
+        if raw is None or (raw.strip() == "" and not _is_list_setting(setting)):
+            continue
+        value = setting.parse(raw)
+        _require(f"{variable}={raw!r}", value, setting)
+        return value, variable
+    if name == "preset":
+        named = environ.get("LANGFUSE_TRACING_ENVIRONMENT", "").strip().lower()
+        if named in PRESET_ALIASES:
+            return PRESET_ALIASES[named], "LANGFUSE_TRACING_ENVIRONMENT"
+        return None
+    if preset is not None:
+        canonical = PRESET_ALIASES[preset.lower()]
+        if name in PRESETS[canonical]:
+            return PRESETS[canonical][name], f"preset {canonical}"
+    return None
+
+
+# -- parsing environment values -------------------------------------------------------
+#
+# A value that does not parse becomes _INVALID, which every check rejects, so a
+# malformed variable and an out-of-range one get the same message.
+
+_INVALID = object()
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _parse_bool(raw: str) -> Any:
+    value = raw.strip().lower()
+    return True if value in _TRUE else False if value in _FALSE else _INVALID
+
+
+def _parse_float(raw: str) -> Any:
+    try:
+        return float(raw)
+    except ValueError:
+        return _INVALID
+
+
+def _parse_int(raw: str) -> Any:
+    try:
+        return int(raw)
+    except ValueError:
+        return _INVALID
+
+
+def _parse_list(raw: str) -> Any:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_rates(raw: str) -> Any:
+    rates: dict[str, float] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        pattern, sep, rate = item.rpartition("=")
+        parsed = _parse_float(rate)
+        if not sep or not pattern.strip() or parsed is _INVALID:
+            return _INVALID
+        rates[pattern.strip()] = parsed
+    return rates
+
+
+def _parse_preset(raw: str) -> Any:
+    return raw.strip().lower()
+
+
+# -- checks ---------------------------------------------------------------------------
 
 
 def _is_int(value: Any) -> bool:
@@ -74,13 +327,147 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rate(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 1
+
+
+def _is_patterns(value: Any) -> bool:
     return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
+        isinstance(value, (list, tuple, set, frozenset))
+        and all(isinstance(item, str) and item for item in value)
     )
 
 
-def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+def _is_rates(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(pattern, str) and pattern and _is_rate(rate) for pattern, rate in value.items()
+    )
+
+
+def _is_list_setting(setting: _Setting) -> bool:
+    return setting.parse in (_parse_list, _parse_rates)
+
+
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+_BOOL = "true or false"
+_PATTERNS = "a list of task name patterns (fnmatch), comma-separated in the environment"
+
+_SETTINGS: tuple[_Setting, ...] = (
+    _Setting("enabled", lambda v: isinstance(v, bool), _BOOL, _parse_bool),
+    _Setting(
+        "preset",
+        lambda v: v is None or (isinstance(v, str) and v.lower() in PRESET_ALIASES),
+        "one of development, staging, production",
+        _parse_preset,
+    ),
+    _Setting("sample_rate", _is_rate, "a number from 0 to 1", _parse_float),
+    _Setting("keep_failures", lambda v: isinstance(v, bool), _BOOL, _parse_bool),
+    _Setting(
+        "task_sample_rates",
+        _is_rates,
+        "a mapping of task name patterns to numbers from 0 to 1, "
+        "'pattern=rate,pattern=rate' in the environment",
+        _parse_rates,
+    ),
+    _Setting(
+        "sampler",
+        lambda v: v is None or callable(v),
+        "a callable taking a SamplingContext and returning a number from 0 to 1 or a bool",
+    ),
+    _Setting("exclude_tasks", _is_patterns, _PATTERNS, _parse_list),
+    _Setting("capture_input", lambda v: isinstance(v, bool), _BOOL, _parse_bool),
+    _Setting("capture_output", lambda v: isinstance(v, bool), _BOOL, _parse_bool),
+    _Setting("capture_exclude_tasks", _is_patterns, _PATTERNS, _parse_list),
+    _Setting(
+        "redact_keys",
+        _is_patterns,
+        "a list of key names, comma-separated in the environment",
+        _parse_list,
+    ),
+    _Setting(
+        "mask",
+        lambda v: v is None or callable(v),
+        "a callable taking the captured value and returning what to send",
+    ),
+    _Setting(
+        "max_payload_chars",
+        lambda v: _is_int(v) and 64 <= v <= 10_000_000,
+        "a whole number from 64 to 10000000",
+        _parse_int,
+    ),
+    _Setting(
+        "flush_at",
+        lambda v: v is None or (_is_int(v) and 1 <= v <= 100_000),
+        "a whole number of spans from 1 to 100000",
+        _parse_int,
+        sdk_env="LANGFUSE_FLUSH_AT",
+    ),
+    _Setting(
+        "flush_interval",
+        lambda v: v is None or (_is_number(v) and 0 < v <= 300),
+        "a number of seconds above 0 and at most 300",
+        _parse_float,
+        sdk_env="LANGFUSE_FLUSH_INTERVAL",
+    ),
+    _Setting(
+        "flush_timeout",
+        lambda v: _is_number(v) and 0 < v <= 300,
+        "a number of seconds above 0 and at most 300",
+        _parse_float,
+    ),
+    _Setting(
+        "max_open_runs",
+        lambda v: _is_int(v) and v >= 1,
+        "a whole number of at least 1",
+        _parse_int,
+    ),
+    _Setting(
+        "export",
+        lambda v: v in ("direct", "durable"),
+        "'direct' or 'durable'",
+        lambda raw: raw.strip().lower(),
+    ),
+    _Setting(
+        "durable_url",
+        lambda v: (
+            v is None or (isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://")))
+        ),
+        "a redis://, rediss:// or unix:// URL",
+        str.strip,
+    ),
+    _Setting(
+        "durable_queue",
+        lambda v: isinstance(v, str) and _QUEUE_NAME.fullmatch(v) is not None,
+        "1 to 100 letters, digits, '.', '_', ':' or '-'",
+        str.strip,
+    ),
+    _Setting(
+        "durable_max_bytes",
+        lambda v: _is_int(v) and v >= 1024 * 1024,
+        "a whole number of bytes, at least 1048576 (1 MiB)",
+        _parse_int,
+    ),
+)
+
+#: Every setting name, in the order they are documented.
+SETTING_NAMES: tuple[str, ...] = tuple(setting.name for setting in _SETTINGS)
+#: The environment variable of each setting that can be set from the environment.
+ENV_VARIABLES: Mapping[str, str] = {s.name: s.env for s in _SETTINGS if s.parse is not None}
+
+
+def _require(label: str, value: Any, setting: _Setting) -> None:
+    ok = value is not _INVALID
+    if ok:
+        try:
+            ok = bool(setting.check(value))
+        except Exception:  # a hostile value (say, a mapping that raises) is just wrong
+            ok = False
     if not ok:
-        raise ConfigurationError(f"celery-langfuse setting {name}={value!r}: must be {allowed}")
+        raise ConfigurationError(f"celery-langfuse setting {label}: must be {setting.allowed}")
+
+
+def _default_of(f: Any) -> Any:
+    return f.default_factory() if callable(f.default_factory) else f.default

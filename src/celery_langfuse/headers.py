@@ -7,7 +7,9 @@ OpenTelemetry consumers and Langfuse-aware ones both understand it:
   writes them;
 - ``x-langfuse-*`` headers: trace id, parent observation id, and the trace-level
   attributes Langfuse filters on (user, session, tags, trace name, environment,
-  metadata), plus the publish time so the worker can report queue wait;
+  metadata), plus the publish time so the worker can report queue wait, and
+  ``x-langfuse-sampled: 0`` when the trace was sampled out (the W3C sampled flag says
+  the same, but only when the global propagator writes ``traceparent``);
 - for a message celery beat sent: the schedule entry's name and when the run was due,
   so the worker can score the cron run's health.
 
@@ -43,6 +45,7 @@ TRACE_NAME = "x-langfuse-trace-name"
 ENVIRONMENT = "x-langfuse-environment"
 METADATA = "x-langfuse-metadata"
 PUBLISHED_AT = "x-langfuse-published-at"
+SAMPLED = "x-langfuse-sampled"
 CRON_ENTRY = "x-langfuse-cron-entry"
 CRON_DUE_AT = "x-langfuse-cron-due-at"
 
@@ -58,6 +61,7 @@ ALL_HEADERS = (
     ENVIRONMENT,
     METADATA,
     PUBLISHED_AT,
+    SAMPLED,
     CRON_ENTRY,
     CRON_DUE_AT,
 )
@@ -154,6 +158,8 @@ class Extracted:
     published_at: Optional[float]
     #: Set when beat sent the message; None for every other message.
     cron: Optional[CronRun] = None
+    #: Names of trace headers that were present but invalid, and so ignored.
+    malformed: tuple[str, ...] = ()
 
 
 def inject(
@@ -173,6 +179,10 @@ def inject(
         propagate.inject(headers, context=parent.context())
         headers[TRACE_ID] = parent.trace_id
         headers[PARENT_ID] = parent.parent_id
+        if parent.sampled:
+            headers.pop(SAMPLED, None)  # a retry copies the headers it was sent with
+        else:
+            headers[SAMPLED] = "0"
     if attributes.user_id:
         headers[USER_ID] = attributes.user_id
     if attributes.session_id:
@@ -193,12 +203,15 @@ def inject(
 
 
 def extract(headers: Mapping[str, Any]) -> Extracted:
-    """Read the wire format back, tolerating anything: bad values are dropped."""
+    """Read the wire format back, tolerating anything: bad values are dropped, and
+    their header names listed in :attr:`Extracted.malformed`."""
+    reader = _Reader(headers)
     return Extracted(
-        parent=_parent_from(headers),
-        attributes=_attributes_from(headers),
-        published_at=_timestamp(headers, PUBLISHED_AT),
-        cron=_cron_run(headers),
+        parent=reader.parent(),
+        attributes=reader.attributes(),
+        published_at=reader.timestamp(PUBLISHED_AT),
+        cron=reader.cron_run(),
+        malformed=tuple(reader.malformed),
     )
 
 
@@ -206,129 +219,135 @@ _NO_ATTRIBUTES = TraceAttributes()
 _ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
 
 
-def _attributes_from(headers: Mapping[str, Any]) -> TraceAttributes:
-    for name in _ATTRIBUTE_HEADERS:
-        if headers.get(name) is not None:
-            break
-    else:
-        return _NO_ATTRIBUTES  # most messages carry none: skip the validation
-    return TraceAttributes(
-        user_id=_short_string(headers, USER_ID),
-        session_id=_short_string(headers, SESSION_ID),
-        tags=_tags(headers),
-        trace_name=_short_string(headers, TRACE_NAME),
-        environment=_environment(headers),
-        metadata=_metadata(headers),
-    )
+class _Reader:
+    """Validates one message's trace headers, noting every header it had to drop."""
 
+    def __init__(self, headers: Mapping[str, Any]) -> None:
+        self._headers = headers
+        self.malformed: list[str] = []
 
-def _parent_from(headers: Mapping[str, Any]) -> Optional[TraceParent]:
-    # Our own ids first: they name an observation Langfuse received. A traceparent
-    # rewritten by another instrumentation may point at a span Langfuse never sees.
-    trace_id = _matching(headers, TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
-    parent_id = _matching(headers, PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
-    if trace_id and parent_id:
-        return TraceParent(trace_id, parent_id, sampled=True, from_langfuse=True)
-    raw = headers.get(TRACEPARENT)
-    if raw is None:
-        return None
-    match = _TRACEPARENT_RE.fullmatch(raw.strip().lower()) if isinstance(raw, str) else None
-    if (
-        match is None
-        or match.group(1) == "ff"
-        or match.group(2) == _ZERO_TRACE_ID
-        or match.group(3) == _ZERO_SPAN_ID
-    ):
-        log.debug("ignoring malformed %s header: %.100r", TRACEPARENT, raw)
-        return None
-    sampled = bool(int(match.group(4), 16) & 0x01)
-    return TraceParent(match.group(2), match.group(3), sampled=sampled)
+    def attributes(self) -> TraceAttributes:
+        for name in _ATTRIBUTE_HEADERS:
+            if self._headers.get(name) is not None:
+                break
+        else:
+            return _NO_ATTRIBUTES  # most messages carry none: skip the validation
+        return TraceAttributes(
+            user_id=self.short_string(USER_ID),
+            session_id=self.short_string(SESSION_ID),
+            tags=self.tags(),
+            trace_name=self.short_string(TRACE_NAME),
+            environment=self.environment(),
+            metadata=self.metadata(),
+        )
 
-
-def _matching(headers: Mapping[str, Any], name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, str):
-        value = raw.strip().lower()
-        if pattern.fullmatch(value) and value != zero:
-            return value
-    log.debug("ignoring malformed %s header: %.100r", name, raw)
-    return None
-
-
-def _short_string(headers: Mapping[str, Any], name: str) -> Optional[str]:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, str) and 0 < len(raw) <= _MAX_ATTRIBUTE_CHARS and raw.isascii():
-        return raw
-    log.debug("ignoring malformed %s header: %.100r", name, raw)
-    return None
-
-
-def _environment(headers: Mapping[str, Any]) -> Optional[str]:
-    raw = headers.get(ENVIRONMENT)
-    if raw is None:
-        return None
-    if isinstance(raw, str) and _ENVIRONMENT_RE.fullmatch(raw):
-        return raw
-    log.debug("ignoring malformed %s header: %.100r", ENVIRONMENT, raw)
-    return None
-
-
-def _json_header(headers: Mapping[str, Any], name: str) -> Any:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
-        try:
-            return json.loads(raw)
-        except (ValueError, RecursionError):  # "[[[[..." nests past the parser's limit
-            pass
-    log.debug("ignoring malformed %s header: %.100r", name, raw)
-    return None
-
-
-def _tags(headers: Mapping[str, Any]) -> tuple[str, ...]:
-    value = _json_header(headers, TAGS)
-    if not isinstance(value, list):
-        return ()
-    return tuple(
-        tag
-        for tag in value[:_MAX_TAGS]
-        if isinstance(tag, str) and 0 < len(tag) <= _MAX_ATTRIBUTE_CHARS
-    )
-
-
-def _metadata(headers: Mapping[str, Any]) -> dict[str, str]:
-    value = _json_header(headers, METADATA)
-    if not isinstance(value, dict):
-        return {}
-    return {
-        key: item
-        for key, item in list(value.items())[:_MAX_METADATA_KEYS]
-        if isinstance(key, str)
-        and key.isascii()
-        and isinstance(item, str)
-        and len(item) <= _MAX_ATTRIBUTE_CHARS
-    }
-
-
-def _cron_run(headers: Mapping[str, Any]) -> Optional[CronRun]:
-    entry = _short_string(headers, CRON_ENTRY)
-    if entry is None:
-        return None
-    return CronRun(entry, due_at=_timestamp(headers, CRON_DUE_AT))
-
-
-def _timestamp(headers: Mapping[str, Any], name: str) -> Optional[float]:
-    raw = headers.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
+    def _drop(self, name: str, raw: Any) -> None:
+        self.malformed.append(name)
         log.debug("ignoring malformed %s header: %.100r", name, raw)
+
+    def parent(self) -> Optional[TraceParent]:
+        # Our own ids first: they name an observation Langfuse received. A traceparent
+        # rewritten by another instrumentation may point at a span Langfuse never sees.
+        trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
+        parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
+        if trace_id and parent_id:
+            sampled = str(self._headers.get(SAMPLED, "1")).strip() != "0"
+            return TraceParent(trace_id, parent_id, sampled=sampled, from_langfuse=True)
+        raw = self._headers.get(TRACEPARENT)
+        if raw is None:
+            return None
+        match = _TRACEPARENT_RE.fullmatch(raw.strip().lower()) if isinstance(raw, str) else None
+        if (
+            match is None
+            or match.group(1) == "ff"
+            or match.group(2) == _ZERO_TRACE_ID
+            or match.group(3) == _ZERO_SPAN_ID
+        ):
+            self._drop(TRACEPARENT, raw)
+            return None
+        sampled = bool(int(match.group(4), 16) & 0x01)
+        return TraceParent(match.group(2), match.group(3), sampled=sampled)
+
+    def _matching(self, name: str, pattern: re.Pattern[str], zero: str) -> Optional[str]:
+        raw = self._headers.get(name)
+        if raw is None:
+            return None
+        if isinstance(raw, str):
+            value = raw.strip().lower()
+            if pattern.fullmatch(value) and value != zero:
+                return value
+        self._drop(name, raw)
         return None
-    return value if math.isfinite(value) and value > 0 else None
+
+    def short_string(self, name: str) -> Optional[str]:
+        raw = self._headers.get(name)
+        if raw is None:
+            return None
+        if isinstance(raw, str) and 0 < len(raw) <= _MAX_ATTRIBUTE_CHARS and raw.isascii():
+            return raw
+        self._drop(name, raw)
+        return None
+
+    def environment(self) -> Optional[str]:
+        raw = self._headers.get(ENVIRONMENT)
+        if raw is None:
+            return None
+        if isinstance(raw, str) and _ENVIRONMENT_RE.fullmatch(raw):
+            return raw
+        self._drop(ENVIRONMENT, raw)
+        return None
+
+    def _json(self, name: str) -> Any:
+        raw = self._headers.get(name)
+        if raw is None:
+            return None
+        if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
+            try:
+                return json.loads(raw)
+            except (ValueError, RecursionError):  # "[[[[..." nests past the parser's limit
+                pass
+        self._drop(name, raw)
+        return None
+
+    def tags(self) -> tuple[str, ...]:
+        value = self._json(TAGS)
+        if not isinstance(value, list):
+            return ()
+        return tuple(
+            tag
+            for tag in value[:_MAX_TAGS]
+            if isinstance(tag, str) and 0 < len(tag) <= _MAX_ATTRIBUTE_CHARS
+        )
+
+    def metadata(self) -> dict[str, str]:
+        value = self._json(METADATA)
+        if not isinstance(value, dict):
+            return {}
+        return {
+            key: item
+            for key, item in list(value.items())[:_MAX_METADATA_KEYS]
+            if isinstance(key, str)
+            and key.isascii()
+            and isinstance(item, str)
+            and len(item) <= _MAX_ATTRIBUTE_CHARS
+        }
+
+    def cron_run(self) -> Optional[CronRun]:
+        entry = self.short_string(CRON_ENTRY)
+        if entry is None:
+            return None
+        return CronRun(entry, due_at=self.timestamp(CRON_DUE_AT))
+
+    def timestamp(self, name: str) -> Optional[float]:
+        raw = self._headers.get(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except (TypeError, ValueError, OverflowError):  # OverflowError: float(10**400)
+            self._drop(name, raw)
+            return None
+        if math.isfinite(value) and value > 0:
+            return value
+        self._drop(name, raw)
+        return None

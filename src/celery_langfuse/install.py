@@ -5,25 +5,40 @@ app sent it) and the shutdown flush are connected once per process, while any ap
 installed; each installation connects its own worker-side handlers, which skip tasks
 of other apps. Connecting is all ``install`` does: no Langfuse client is created until a
 message is published or a task runs, so it is safe at import time of the app module,
-before a prefork pool forks.
+before a prefork pool forks. The exception is durable mode, which creates the client at
+once so that user code calling ``langfuse.get_client()`` later shares its exporter;
+that is safe before a fork too, as the SDK restarts its threads in the child.
+
+Settings are resolved and validated here, once (see ``config.py``). Without Langfuse
+keys, with ``enabled`` off, or with the SDK's ``LANGFUSE_TRACING_ENABLED=false``,
+``install`` connects nothing: tracing is off, with one warning for the missing keys,
+and every task runs exactly as without this library.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import client
+from . import client, publish
 from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
 
 log = logging.getLogger(__name__)
+
+_MISSING_KEYS_WARNING = (
+    "celery-langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY are not both set and no "
+    "Langfuse client exists, so tracing is off for app %r. Set both variables (or create "
+    "a langfuse.Langfuse client before install()); `celery-langfuse doctor -A <app>` checks "
+    "the setup."
+)
 
 
 @dataclass
@@ -34,7 +49,13 @@ class Installation:
     config: TracingConfig
     worker: WorkerTracing
     beat: BeatTracing
+    #: Why nothing is connected, when tracing is off; None when it is on.
+    off_reason: Optional[str] = None
     _connections: list[tuple[Any, Callable[..., Any]]] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.off_reason is None
 
     def connect(self) -> None:
         worker = self.worker
@@ -55,6 +76,16 @@ class Installation:
         _disconnect(self._connections)
         self.beat.unwrap()
 
+    def connected_signals(self) -> list[tuple[str, bool]]:
+        """``(signal name, still connected)`` for each handler this app traces with:
+        its own, then the process-wide ones; empty when tracing is off."""
+        if not self.enabled:
+            return []
+        return [
+            (getattr(signal, "name", None) or repr(signal), _is_connected(signal, handler))
+            for signal, handler in (*self._connections, *_PROCESS_HANDLERS)
+        ]
+
     def _for_app(self, handler: Callable[..., None]) -> Callable[..., None]:
         app = self.app
 
@@ -69,11 +100,19 @@ class Installation:
 _installations: dict[int, Installation] = {}
 _process_connections: list[tuple[Any, Callable[..., Any]]] = []
 _lock = threading.Lock()
+_warned_missing_keys = False
 
 
 def _flush_before_exit(**_: Any) -> None:
     """Prefork children exit through ``os._exit``: this signal is their last chance."""
     client.flush(client.exit_flush_timeout)
+
+
+_PROCESS_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
+    (signals.before_task_publish, on_before_task_publish),
+    (signals.worker_process_shutdown, _flush_before_exit),
+    (signals.worker_shutdown, _flush_before_exit),
+)
 
 
 def _connect(
@@ -90,31 +129,49 @@ def _disconnect(connections: list[tuple[Any, Callable[..., Any]]]) -> None:
     connections.clear()
 
 
+def _is_connected(signal: Any, handler: Callable[..., Any]) -> bool:
+    # Connected with weak=False, so Celery keeps the handler itself, not a weakref.
+    receivers = getattr(signal, "receivers", None) or ()
+    return any(receiver is handler for _, receiver in receivers)
+
+
 def install(app: Celery, **options: Any) -> Installation:
     """Trace every task of ``app`` in Langfuse. Idempotent: a second call returns the
-    same installation unchanged. Options are the fields of :class:`TracingConfig`;
-    a wrong value raises :class:`~celery_langfuse.config.ConfigurationError`."""
+    same installation unchanged. Options are the fields of :class:`TracingConfig`,
+    resolved with the ``CELERY_LANGFUSE_*`` variables and the environment preset; a
+    wrong value raises :class:`~celery_langfuse.config.ConfigurationError`."""
+    global _warned_missing_keys
     if not isinstance(app, Celery):
         raise TypeError(f"install() needs a celery.Celery app, got {type(app).__name__}")
     with _lock:
         existing = _installations.get(id(app))
         if existing is not None:
             return existing
-        config = TracingConfig.from_options(options)
+        config = TracingConfig.resolve(options)
+        off_reason = None
+        if not config.enabled:
+            off_reason = f"disabled by enabled=False ({config.source_of('enabled')})"
+        elif os.environ.get("LANGFUSE_TRACING_ENABLED", "").strip().lower() == "false":
+            off_reason = "disabled by LANGFUSE_TRACING_ENABLED=false (the SDK sends nothing)"
+        elif not client.langfuse_keys_configured():
+            off_reason = "Langfuse keys missing (LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY)"
+            if not _warned_missing_keys:
+                _warned_missing_keys = True
+                log.warning(_MISSING_KEYS_WARNING, app.main)
         installation = Installation(
-            app=app, config=config, worker=WorkerTracing(config), beat=BeatTracing(app, config)
+            app=app,
+            config=config,
+            worker=WorkerTracing(config),
+            beat=BeatTracing(app, config, is_traced=config.traces_task),
+            off_reason=off_reason,
         )
-        installation.connect()
-        if not _installations:
-            _connect(
-                _process_connections,
-                (signals.before_task_publish, on_before_task_publish),
-                (signals.worker_process_shutdown, _flush_before_exit),
-                (signals.worker_shutdown, _flush_before_exit),
-            )
         _installations[id(app)] = installation
-        client.exit_flush_timeout = max(i.config.flush_timeout for i in _installations.values())
-        return installation
+        if installation.enabled:
+            installation.connect()
+            _apply_process_settings()
+    if installation.enabled and config.export == "durable":
+        client.get_langfuse()
+    return installation
 
 
 def uninstall(app: Celery) -> None:
@@ -124,5 +181,38 @@ def uninstall(app: Celery) -> None:
         if installation is None:
             return
         installation.disconnect()
-        if not _installations:
-            _disconnect(_process_connections)
+        _apply_process_settings()
+
+
+def installation_for(app: Celery) -> Optional[Installation]:
+    """The installation of ``app`` in this process, if ``install(app)`` was called."""
+    with _lock:
+        return _installations.get(id(app))
+
+
+def _apply_process_settings() -> None:
+    """The process-wide handlers and settings, while any installed app traces.
+
+    Celery's publish signal does not say which app sends a message, and the process
+    has one Langfuse client: with several installed apps, the first one decides which
+    tasks publishing treats as excluded and how the client is created.
+    """
+    active = [i for i in _installations.values() if i.enabled]
+    if not active:
+        _disconnect(_process_connections)
+        publish.policy = None
+        return
+    if not _process_connections:
+        _connect(_process_connections, *_PROCESS_HANDLERS)
+    first = active[0].config
+    publish.policy = first.policy
+    client.client_settings = client.ClientSettings(
+        first.flush_at, first.flush_interval, _durable_export(first)
+    )
+    client.exit_flush_timeout = max(i.config.flush_timeout for i in active)
+
+
+def _durable_export(config: TracingConfig) -> Optional[client.DurableExport]:
+    if config.export != "durable" or config.durable_url is None:
+        return None
+    return client.DurableExport(config.durable_url, config.durable_queue, config.durable_max_bytes)

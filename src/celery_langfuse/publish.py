@@ -5,6 +5,10 @@ primitives, retries and beat alike, so one handler covers them all. Inside an ac
 observation it records a short ``publish <task>`` observation, which becomes the
 parent of the worker's run; with none, the message carries only the trace attributes
 and the worker starts a new trace named after the task.
+
+Inside a sampled-out trace, or for a task excluded by name, no observation is
+recorded: the message carries the current context as it is (sampled flag included),
+so the worker, and everything the task publishes in turn, stays in the same trace.
 """
 
 from __future__ import annotations
@@ -18,8 +22,13 @@ from opentelemetry import trace as otel_trace
 
 from . import client, headers
 from .logs import warn_rate_limited
+from .sampling import TaskPolicy
 
 log = logging.getLogger(__name__)
+
+#: The task-name rules publishing follows. Celery's publish signal does not say which
+#: app sends a message, so a process follows the first installed app's settings.
+policy: Optional[TaskPolicy] = None
 
 
 def on_before_task_publish(
@@ -37,7 +46,9 @@ def on_before_task_publish(
     try:
         _inject_trace(sender or headers.get("task") or "task", headers, exchange, routing_key)
     except Exception:
-        warn_rate_limited(log, "publish", "celery-langfuse: could not add trace headers to a message")
+        warn_rate_limited(
+            log, "publish", "celery-langfuse: could not add trace headers to a message"
+        )
 
 
 def _inject_trace(
@@ -52,6 +63,19 @@ def _inject_trace(
     current = otel_trace.get_current_span(ctx).get_span_context()
     if not current.is_valid:
         headers.inject(message_headers, parent=None, attributes=attributes, cron=cron)
+        return
+    excluded = policy is not None and not policy.traces_task(task_name)
+    if excluded or not current.trace_flags.sampled:
+        headers.inject(
+            message_headers,
+            parent=headers.TraceParent(
+                format(current.trace_id, "032x"),
+                format(current.span_id, "016x"),
+                sampled=current.trace_flags.sampled,
+            ),
+            attributes=attributes,
+            cron=cron,
+        )
         return
 
     metadata: dict[str, Any] = {"task_id": message_headers.get("id"), "queue": routing_key}

@@ -394,6 +394,18 @@ class CaptureServer:
         return _latest_copies(received)
 
     @property
+    def deliveries(self) -> dict[str, int]:
+        """How many times each span id was received. Above 1 means the span was sent
+        again (an exporter or forwarder retry); Langfuse, like ``observations``, keeps
+        one copy, so this is the place to see re-sends."""
+        with self._lock:
+            ids = [obs.id for obs in self._received]
+        counts: dict[str, int] = {}
+        for span_id in ids:
+            counts[span_id] = counts.get(span_id, 0) + 1
+        return counts
+
+    @property
     def scores(self) -> list[Score]:
         """Every score received, in arrival order."""
         with self._lock:
@@ -713,11 +725,14 @@ class _CaptureHandler(BaseHTTPRequestHandler):
         headers = {key.lower(): value for key, value in self.headers.items()}
         capture = cast(_CaptureHTTPServer, self.server).capture
         status, reply_headers, reply = capture._serve(method, self.path, headers, body)
-        self.send_response(status)
-        for key, value in {**reply_headers, "Content-Length": str(len(reply))}.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(reply)
+        try:
+            self.send_response(status)
+            for key, value in {**reply_headers, "Content-Length": str(len(reply))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up waiting (a slow set_response): as Langfuse would
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet; ``CaptureServer.unhandled`` records what went wrong."""

@@ -6,13 +6,22 @@ session, tags, trace name, environment, metadata) and opens the run observation 
 current span, so everything the task does (nested tasks, LLM calls) nests inside it.
 ``task_postrun`` records the outcome and closes it.
 
+Sampling (see ``sampling.py``): a run follows its parent's sampled flag; a run that
+starts a trace draws the trace id first and then decides. A sampled-out run records
+nothing, but keeps what a failure report needs (a few references and its start time)
+so that, with ``keep_failures``, a failure is still recorded as the root of its trace,
+backdated to when the run began. A task excluded by name records nothing, but its
+parent stays current so the tasks it publishes stay in the trace.
+
 A run that celery beat started (the message names its schedule entry) also records
 the cron health scores on its trace when it ends: ``cron_success`` and
 ``cron_lateness_seconds`` (see ``client.score_cron_run``).
 
 Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; nothing
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
-recorded as a short observation in the consumer process, so their trace shows why.
+recorded as a short observation in the consumer process, so their trace shows why; so
+are runs whose pool process died (SIGKILL, out of memory, hard time limit), since their
+own observation died with that process.
 """
 
 from __future__ import annotations
@@ -28,25 +37,65 @@ from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from celery import states
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from langfuse.types import SpanLevel
 from opentelemetry import trace as otel_trace
 
-from . import client, headers
+from . import client, headers, sampling
 from .config import TracingConfig
 from .logs import warn_rate_limited
-from .payload import capture, describe_exception
+from .payload import describe_exception
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Start:
+    """What ``task_prerun`` received for one run, read once."""
+
+    task_id: str
+    task_name: str
+    request: Any
+    args: Any
+    kwargs: Any
+    extracted: headers.Extracted
+    #: Whether the task's input and output may be captured (name patterns, task option).
+    captures: bool
+    cron: Optional[CronHealth] = None
+
+
+@dataclass(frozen=True)
+class SampledOut:
+    """A run of a sampled-out trace, kept in case it fails: references and a start time.
+
+    Capturing its input waits for the failure, so a run that succeeds costs nothing
+    more than these few fields.
+    """
+
+    start: Start
+    trace_id: str
+    started_at: float
+    started_ns: int
 
 
 @dataclass
 class Run:
     """One task execution being traced in this process."""
 
-    observation: client.Observation
-    scope: ExitStack  # detaches the run's context and ends the observation
+    #: The run's observation; None when the run records nothing (unless it fails).
+    observation: Any  # a client.Observation
+    scope: ExitStack
     traceback: Optional[str] = None
+    trace_id: Optional[str] = None
+    captures: bool = True
+    #: Set for a run of a sampled-out trace whose failure would be kept.
+    sampled_out: Optional[SampledOut] = None
     cron: Optional[CronHealth] = None
+
+    def score_cron(self, *, success: Optional[bool], comment: Optional[str] = None) -> None:
+        """Record the cron health scores, if beat started this run and it is traced."""
+        if self.cron is not None and self.trace_id is not None:
+            self.cron.score(self.trace_id, success=success, comment=comment)
 
 
 @dataclass(frozen=True)
@@ -131,8 +180,7 @@ def request_headers(request: Any) -> dict[str, Any]:
     only be entries of the instance dict: reading that dict avoids an AttributeError
     for every header a message does not carry, on every task.
     """
-    custom = getattr(request, "headers", None)
-    delivered: Mapping[str, Any] = custom if isinstance(custom, Mapping) else {}
+    delivered = _custom_headers(request)
     attributes: Mapping[str, Any] = getattr(request, "__dict__", None) or {}
     found = {}
     for name in headers.ALL_HEADERS:
@@ -168,14 +216,35 @@ class WorkerTracing:
         try:
             self._open_run(task_id, task, args, kwargs)
         except Exception:
-            warn_rate_limited(log, "prerun", "celery-langfuse: could not start tracing task %s", task_id)
+            warn_rate_limited(
+                log, "prerun", "celery-langfuse: could not start tracing task %s", task_id
+            )
 
     def on_task_failure(
-        self, task_id: Optional[str] = None, einfo: Any = None, **_: Any
+        self,
+        sender: Any = None,
+        task_id: Optional[str] = None,
+        exception: Any = None,
+        einfo: Any = None,
+        **_: Any,
     ) -> None:
         run = self.runs.peek(task_id) if task_id else None
-        if run is not None and einfo is not None:
-            run.traceback = str(getattr(einfo, "traceback", "") or "")[-self.config.max_payload_chars :]
+        if run is None and isinstance(exception, _PROCESS_DIED) and task_id:
+            # Sent in the main worker process: the pool child that ran the task was
+            # killed (SIGKILL, OOM, hard time limit) and its open run died with it.
+            self._record_unrun(
+                getattr(sender, "name", None) or "task",
+                _request_headers(sender, task_id),
+                task_id,
+                "ERROR",
+                f"the process running it died: {describe_exception(exception)}",
+            )
+            return
+        if run is None or einfo is None:
+            return
+        if run.observation is not None or run.sampled_out is not None:
+            traceback = str(getattr(einfo, "traceback", "") or "")
+            run.traceback = traceback[-self.config.max_payload_chars :]
 
     def on_task_postrun(
         self,
@@ -189,15 +258,20 @@ class WorkerTracing:
         if run is None:
             return
         try:
-            _record_outcome(run, state, retval, self.config)
-            if run.cron is not None:
-                run.cron.score(
-                    run.observation.trace_id,
-                    success=_CRON_SUCCESS_BY_STATE.get(state or ""),
-                    comment=None if state == states.SUCCESS else describe_exception(retval),
-                )
+            if run.observation is not None:
+                _record_outcome(run, state, retval, self.config)
+            elif run.sampled_out is not None and state == states.FAILURE:
+                self._record_kept_failure(run, run.sampled_out, retval, describe_exception(retval))
+            run.score_cron(
+                success=_CRON_SUCCESS_BY_STATE.get(state or ""),
+                comment=None
+                if state == states.SUCCESS
+                else self.config.payload.text(describe_exception(retval)),
+            )
         except Exception:
-            warn_rate_limited(log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id)
+            warn_rate_limited(
+                log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id
+            )
         finally:
             _close(run)
 
@@ -209,9 +283,13 @@ class WorkerTracing:
             return
         try:
             status = f"internal error: {describe_exception(exception)}"
-            run.observation.update(level="ERROR", status_message=status)
-            if run.cron is not None:
-                run.cron.score(run.observation.trace_id, success=False, comment=status)
+            if run.observation is not None:
+                run.observation.update(
+                    level="ERROR", status_message=self.config.payload.text(status)
+                )
+            elif run.sampled_out is not None:
+                self._record_kept_failure(run, run.sampled_out, exception, status)
+            run.score_cron(success=False, comment=self.config.payload.text(status))
         finally:
             _close(run)
 
@@ -270,48 +348,120 @@ class WorkerTracing:
 
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
-        extracted = headers.extract(request_headers(request))
-        cron = _cron_health(extracted, task_id, request)
-        attributes = extracted.attributes
-        # The parent's context is attached only when trace attributes must be
-        # propagated inside it; otherwise the run starts in it and is attached with it.
-        parent = extracted.parent.context() if extracted.parent is not None else None
-        if parent is None and not otel_trace.get_current_span().get_span_context().is_valid:
-            # A new trace: name it after the task unless the producer named it.
-            attributes = replace(attributes, trace_name=attributes.trace_name or task.name)
+        rules = self.config.policy.rules(task.name)
+        extracted = _extract(request_headers(request), task_id)
+        start = Start(
+            task_id=task_id,
+            task_name=task.name,
+            request=request,
+            args=args,
+            kwargs=kwargs,
+            extracted=extracted,
+            captures=rules.capture and getattr(task, "langfuse_capture", True) is not False,
+            cron=_cron_health(extracted, task_id, request),
+        )
         scope = ExitStack()
         try:
-            if attributes:
-                if parent is not None:
-                    scope.enter_context(client.attached(parent))
-                    parent = None
-                scope.enter_context(client.propagated(attributes))
-            observation = client.start_observation(
-                task.name,
-                context=parent,
-                input=self._capture_input(args, kwargs),
-                metadata=_run_metadata(task_id, request, extracted.published_at, cron),
-            )
-            scope.callback(observation.end)
-            scope.enter_context(client.attached(client.context_with(observation, parent)))
+            run = self._start(start, rules.traced, scope)
+            run.cron = start.cron
         except BaseException:
             scope.close()
             raise
-        for stale in self.runs.push(task_id, Run(observation, scope, cron=cron)):
+        for stale in self.runs.push(task_id, run):
             warn_rate_limited(
                 log, "evicted", "celery-langfuse: more than %d runs open; closing the oldest",
                 self.config.max_open_runs,
             )
-            stale.observation.update(level="WARNING", status_message="run was never closed")
-            stale.observation.end()
+            if stale.observation is not None:
+                stale.observation.update(level="WARNING", status_message="run was never closed")
+                stale.observation.end()
 
-    def _capture_input(self, args: Any, kwargs: Any) -> Any:
-        if not self.config.capture_input:
+    def _start(self, start: Start, traced: bool, scope: ExitStack) -> Run:
+        """Continue (or start) the run's trace in ``scope``; record it if sampled."""
+        parent = start.extracted.parent
+        attributes = start.extracted.attributes
+        if parent is not None:
+            trace_id: Optional[str] = parent.trace_id
+            sampled = parent.sampled
+            scope.enter_context(client.attached(parent.context()))
+        else:
+            current = otel_trace.get_current_span().get_span_context()
+            # An eager run inside the caller's observation continues its trace.
+            trace_id = format(current.trace_id, "032x") if current.is_valid else None
+            sampled = current.trace_flags.sampled
+        new_trace = traced and trace_id is None
+        if new_trace:
+            # The run starts a trace: its id is drawn first so the decision is made from
+            # it. A kept trace is named after the task unless the producer named it (a
+            # sampled-out one skips that cost: a failure kept from it is its root anyway).
+            trace_id = sampling.new_trace_id()
+            sampled = self.config.policy.sample_new_trace(
+                trace_id, start.task_name, start.args or (), start.kwargs or {},
+                _custom_headers(start.request),
+            )
+            if sampled:
+                attributes = replace(
+                    attributes, trace_name=attributes.trace_name or start.task_name
+                )
+        if attributes:
+            scope.enter_context(client.propagated(attributes))
+        if not traced or trace_id is None:
+            # Nothing recorded; whatever is current stays so, for the tasks it publishes.
+            return Run(None, scope, trace_id=trace_id)
+        if sampled:
+            observation = client.start_observation(
+                start.task_name,
+                input=self._capture_input(start) if self.config.capture_input else None,
+                metadata=_run_metadata(
+                    start.task_id, start.request, start.extracted.published_at, start.cron
+                ),
+                root_of=trace_id if new_trace else None,
+            )
+            scope.callback(observation.end)
+            scope.enter_context(client.attached(client.context_with(observation)))
+            return Run(observation, scope, trace_id=trace_id, captures=start.captures)
+        if new_trace:
+            # The run's own span id, never recorded: nested tasks name it as parent.
+            unsampled = headers.TraceParent(trace_id, sampling.new_span_id(), sampled=False)
+            scope.enter_context(client.attached(unsampled.context()))
+        if not self.config.keep_failures:
+            return Run(None, scope, trace_id=trace_id)
+        kept = SampledOut(start, trace_id, time.time(), time.time_ns())
+        return Run(None, scope, trace_id=trace_id, sampled_out=kept)
+
+    def _record_kept_failure(self, run: Run, kept: SampledOut, error: Any, status: str) -> None:
+        """Record a failed run of a sampled-out trace as the root of its trace."""
+        start = kept.start
+        metadata = _run_metadata(
+            start.task_id,
+            start.request,
+            start.extracted.published_at,
+            start.cron,
+            now=kept.started_at,
+        )
+        metadata.update(_failure_metadata(error, run.traceback, self.config))
+        metadata["trace_sampled"] = False
+        parent = start.extracted.parent
+        if parent is not None:
+            metadata["parent_observation_id"] = parent.parent_id
+        with client.root_observation(
+            kept.trace_id,
+            name=start.task_name,
+            start_time_ns=kept.started_ns,
+            input=self._capture_input(start) if self.config.capture_input else None,
+            metadata=metadata,
+            level="ERROR",
+            status_message=self.config.payload.text(status),
+        ):
+            pass
+
+    def _capture_input(self, start: Start) -> Any:
+        if not start.captures:
             return None
-        limit = self.config.max_payload_chars
+        capture = self.config.payload
         return {
-            "args": capture(list(args), limit) if args else [],
-            "kwargs": capture(dict(kwargs), limit) if kwargs else {},
+            "args": capture(list(start.args or ())),
+            "kwargs": capture(dict(start.kwargs or {})),
         }
 
     def _record_unrun(
@@ -323,28 +473,65 @@ class WorkerTracing:
         status: str,
     ) -> None:
         try:
-            extracted = headers.extract(message_headers)
-            with ExitStack() as scope:
-                if extracted.parent is not None:
-                    scope.enter_context(client.attached(extracted.parent.context()))
-                scope.enter_context(client.propagated(extracted.attributes))
-                observation = client.start_observation(
-                    task_name,
-                    level=level,
-                    status_message=status,
-                    metadata={"task_id": task_id, "hostname": _HOSTNAME},
-                )
-                observation.end()
-            if extracted.cron is not None:
+            if not self.config.policy.traces_task(task_name):
+                return
+            extracted = _extract(message_headers, task_id)
+            fields: dict[str, Any] = {
+                "name": task_name,
+                "level": level,
+                "status_message": self.config.payload.text(status),
+                "metadata": {"task_id": task_id, "hostname": _HOSTNAME},
+            }
+            recorded_in = self._record_unrun_observation(extracted, task_name, fields, level)
+            if recorded_in is not None and extracted.cron is not None:
                 cron = CronHealth(
                     extracted.cron.entry, task_id, None, extracted.attributes.environment
                 )
-                cron.score(observation.trace_id, success=False, comment=status)
+                cron.score(recorded_in, success=False, comment=fields["status_message"])
         except Exception:
-            warn_rate_limited(log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id)
+            warn_rate_limited(
+                log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id
+            )
+
+    def _record_unrun_observation(
+        self, extracted: headers.Extracted, task_name: str, fields: dict[str, Any], level: str
+    ) -> Optional[str]:
+        """Record a message that never ran; the trace id it went to, if recorded."""
+        parent = extracted.parent
+        with client.propagated(extracted.attributes):
+            if parent is not None and parent.sampled:
+                client.start_observation(context=parent.context(), **fields).end()
+                return parent.trace_id
+            if parent is not None:
+                trace_id, sampled = parent.trace_id, False
+            else:
+                trace_id = sampling.new_trace_id()
+                sampled = self.config.policy.sample_new_trace(trace_id, task_name)
+            if not sampled and not (level == "ERROR" and self.config.keep_failures):
+                return None
+            if not sampled:
+                fields["metadata"]["trace_sampled"] = False
+            with client.root_observation(trace_id, **fields):
+                pass
+            return trace_id
 
 
 _HOSTNAME = socket.gethostname()
+_PROCESS_DIED = (WorkerLostError, TimeLimitExceeded)
+
+
+def _extract(message_headers: Mapping[str, Any], task_id: Any) -> headers.Extracted:
+    extracted = headers.extract(message_headers)
+    if extracted.malformed:
+        warn_rate_limited(
+            log,
+            "malformed-headers",
+            "celery-langfuse: ignoring malformed trace header(s) %s of task %s; "
+            "its run starts a fresh trace or loses those attributes",
+            ", ".join(sorted(set(extracted.malformed))),
+            task_id,
+        )
+    return extracted
 
 
 def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> Optional[CronHealth]:
@@ -363,7 +550,11 @@ _CRON_SUCCESS_BY_STATE = {states.SUCCESS: True, states.FAILURE: False, states.RE
 
 
 def _run_metadata(
-    task_id: str, request: Any, published_at: Optional[float], cron: Optional[CronHealth]
+    task_id: str,
+    request: Any,
+    published_at: Optional[float],
+    cron: Optional[CronHealth],
+    now: Optional[float] = None,
 ) -> dict[str, Any]:
     delivery_info = getattr(request, "delivery_info", None) or {}
     metadata: dict[str, Any] = {
@@ -379,7 +570,8 @@ def _run_metadata(
     if getattr(request, "is_eager", False):
         metadata["eager"] = True
     if published_at is not None:
-        metadata["queue_wait_seconds"] = round(max(time.time() - published_at, 0.0), 6)
+        started = time.time() if now is None else now
+        metadata["queue_wait_seconds"] = round(max(started - published_at, 0.0), 6)
     if cron is not None:
         metadata["cron_entry"] = cron.entry
         if cron.lateness_seconds is not None:
@@ -390,19 +582,37 @@ def _run_metadata(
 def _record_outcome(run: Run, state: Optional[str], retval: Any, config: TracingConfig) -> None:
     observation = run.observation
     if state == states.SUCCESS:
-        if config.capture_output:
-            observation.update(output=capture(retval, config.max_payload_chars))
+        if config.capture_output and run.captures:
+            observation.update(output=config.payload(retval))
     elif state == states.FAILURE:
-        metadata = {"exception_type": type(retval).__name__}
-        if run.traceback:
-            metadata["traceback"] = run.traceback
-        observation.update(level="ERROR", status_message=describe_exception(retval), metadata=metadata)
+        observation.update(
+            level="ERROR",
+            status_message=config.payload.text(describe_exception(retval)),
+            metadata=_failure_metadata(retval, run.traceback, config),
+        )
     elif state == states.RETRY:
-        observation.update(level="WARNING", status_message=f"retry: {_describe_retry(retval)}")
+        observation.update(
+            level="WARNING", status_message=config.payload.text(f"retry: {_describe_retry(retval)}")
+        )
     elif state == states.REJECTED:
-        observation.update(level="WARNING", status_message=f"rejected: {describe_exception(retval)}")
+        status = f"rejected: {describe_exception(retval)}"
+        observation.update(level="WARNING", status_message=config.payload.text(status))
     elif state == states.IGNORED:
         observation.update(status_message="ignored")
+
+
+def _failure_metadata(
+    error: Any, traceback: Optional[str], config: TracingConfig
+) -> dict[str, Any]:
+    metadata = {"exception_type": type(error).__name__}
+    if traceback:
+        metadata["traceback"] = config.payload.text(traceback)
+    return metadata
+
+
+def _custom_headers(request: Any) -> Mapping[str, Any]:
+    custom = getattr(request, "headers", None)
+    return custom if isinstance(custom, Mapping) else {}
 
 
 def _close(run: Run) -> None:
@@ -417,6 +627,16 @@ def _describe_retry(retry: Any) -> str:
     if reason is not None:
         return describe_exception(reason)
     return str(getattr(retry, "message", None) or retry or "retry requested")[:1000]
+
+
+def _request_headers(task: Any, task_id: str) -> Mapping[str, Any]:
+    # For a lost worker Celery puts the failed request on the task's request stack
+    # while it sends task_failure; for a hard time limit it does not, and the run is
+    # recorded in a trace of its own.
+    request = getattr(task, "request", None)
+    if getattr(request, "id", None) == task_id:
+        return request_headers(request)
+    return {}
 
 
 def _dict_headers(value: Any) -> Mapping[str, Any]:

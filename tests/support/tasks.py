@@ -16,7 +16,11 @@ from celery_langfuse import install
 BROKER = os.environ.get("CELERY_LANGFUSE_TEST_BROKER", "redis://127.0.0.1:6379/1")
 QUEUE = os.environ.get("CELERY_LANGFUSE_TEST_QUEUE", "celery-langfuse-tests")
 
-app = Celery("support", broker=BROKER, backend=BROKER.replace("amqp://", "rpc://") if BROKER.startswith("amqp") else BROKER)
+app = Celery(
+    "support",
+    broker=BROKER,
+    backend=BROKER.replace("amqp://", "rpc://") if BROKER.startswith("amqp") else BROKER,
+)
 app.conf.update(
     task_default_queue=QUEUE,
     task_serializer="json",
@@ -27,7 +31,20 @@ app.conf.update(
     result_expires=300,
 )
 if os.environ.get("CELERY_LANGFUSE_TEST_INSTALL", "1") == "1":
-    install(app, flush_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT", "3")))
+    _durable_url = os.environ.get("CELERY_LANGFUSE_TEST_DURABLE_URL")
+    install(
+        app,
+        flush_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT", "3")),
+        **(
+            {
+                "export": "durable",
+                "durable_url": _durable_url,
+                "durable_queue": os.environ["CELERY_LANGFUSE_TEST_DURABLE_QUEUE"],
+            }
+            if _durable_url
+            else {}
+        ),
+    )
 
 
 @app.task
@@ -104,3 +121,15 @@ def slow(seconds: float) -> float:
 def header_probe(self) -> dict[str, object]:  # type: ignore[no-untyped-def]
     """The custom headers this run received, as the task sees them."""
     return {k: v for k, v in (self.request.headers or {}).items() if k.startswith("x-")}
+
+
+@app.task
+def report_pid_and_sleep(key: str, seconds: float) -> int:
+    """Write this process's pid to Redis under ``key``, then sleep: a test kills it."""
+    import time
+
+    from redis import Redis
+
+    Redis.from_url(BROKER).set(key, os.getpid(), ex=60)
+    time.sleep(seconds)
+    return os.getpid()

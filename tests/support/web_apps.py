@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from flask import Flask, abort
 from flask import request as flask_request
-from tests.support import tasks
 
 from celery_langfuse import TraceAttributes
 from celery_langfuse.web import IncomingRequest, LangfuseASGIMiddleware, trace_flask
+from tests.support import tasks
 
 
 def identify(request: IncomingRequest) -> TraceAttributes:
