@@ -71,6 +71,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: write results.md and results.png again from a results.json",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="small N and 1 repetition: checks the harness, not the numbers",
@@ -207,12 +213,15 @@ class Bench:
                 env=env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its pool processes go with it (see _stop)
             )
         try:
             yield process
         finally:
-            _stop(process)
-            if process.returncode not in (0, -signal.SIGTERM):
+            # What was measured is in Redis already: no need to wait for a graceful
+            # shutdown (an exporter retrying against a closed port can take a minute).
+            _stop(process, timeout=3)
+            if process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
                 print(f"  worker exited {process.returncode}; log: {log_path}", file=sys.stderr)
 
     def cleanup(self, queue: str, key: str) -> None:
@@ -315,12 +324,20 @@ def _free_port() -> int:
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: to its process group if it leads one
+    (a worker and its pool processes), else to it alone."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            try:
+                if os.getpgid(process.pid) == process.pid:
+                    os.killpg(process.pid, signal.SIGKILL)
+                else:
+                    process.kill()
+            except ProcessLookupError:
+                pass
             process.wait(10)
 
 
@@ -374,6 +391,13 @@ def machine() -> dict[str, Any]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        doc = json.loads(args.report_only.read_text())
+        doc["summary"] = report.summarise(doc["samples"], doc["settings"]["contenders"])
+        (args.out / "results.md").write_text(report.markdown(doc))
+        report.plot(doc, args.out / "results.png")
+        print(report.markdown(doc))
+        return 0
     command = "python benchmarks/run.py" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
     )
