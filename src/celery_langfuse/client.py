@@ -32,8 +32,10 @@ from typing import Any, Optional
 import langfuse
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
+from opentelemetry.trace import Status, StatusCode
 
-from .headers import CronRun, TraceAttributes
+from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
+from .sampling import new_span_id
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +140,23 @@ def langfuse_keys_configured() -> bool:
     ) or sdk_client_exists()
 
 
-@contextmanager
-def attached(ctx: otel_context.Context) -> Iterator[None]:
-    """Make ``ctx`` the current OTel context for the duration of the block."""
-    token = otel_context.attach(ctx)
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+class attached:  # lower case: used like the function-style context managers beside it
+    """Make ``ctx`` the current OTel context for the duration of the block.
+
+    A class rather than ``@contextmanager``: every task run enters two of these, and a
+    generator-based context manager costs several times as much.
+    """
+
+    __slots__ = ("_ctx", "_token")
+
+    def __init__(self, ctx: otel_context.Context) -> None:
+        self._ctx = ctx
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(self._ctx)
+
+    def __exit__(self, *_: object) -> None:
+        otel_context.detach(self._token)
 
 
 def _shutdown_at_exit() -> None:
@@ -226,35 +237,33 @@ def _call_logged(action: Callable[[], None]) -> None:
 @contextmanager
 def root_observation(
     trace_id: str, *, name: str, start_time_ns: Optional[int] = None, **fields: Any
-) -> Iterator[Any]:
+) -> Iterator[Observation]:
     """A parentless span observation in trace ``trace_id``, current inside the block.
 
     For traces whose id is drawn before they start (so the sampling decision can be
     made first) and for failures kept from a sampled-out trace. ``start_time_ns``
     backdates the observation to when the work began.
     """
-    with get_langfuse().start_as_current_observation(
-        trace_context={"trace_id": trace_id}, name=name, as_type="span", **fields
-    ) as observation:
-        _make_root(otel_trace.get_current_span(), start_time_ns)
-        yield observation
+    observation = start_observation(name, root_of=trace_id, start_time_ns=start_time_ns, **fields)
+    try:
+        with attached(context_with(observation)):
+            yield observation
+    finally:
+        observation.end()
 
 
-def _make_root(span: Any, start_time_ns: Optional[int]) -> None:
-    """Drop the parent the SDK invents for a span started in a chosen trace.
+def _make_root(span: Any) -> None:
+    """Drop the made-up parent of a span started in a chosen trace.
 
-    ``trace_context={"trace_id": ...}`` is the SDK's only way into a chosen trace, and
-    it starts the span under a made-up remote parent span id, which Langfuse would show
-    as the child of an observation that does not exist (an orphan, not the root). The
-    OTel SDK span keeps its parent and start time in ``_parent`` / ``_start_time``,
-    read when it is exported; both are set here, right after the span started and
-    before anything else can see it. tests/test_sdk_contract.py fails if that changes.
-    A non-recording span (sampled out by the SDK's own sampler) has neither.
+    Started under a remote parent span id of that trace (see :func:`start_observation`),
+    Langfuse would show it as the child of an observation that does not exist (an
+    orphan, not the root). The OTel SDK span keeps its parent in ``_parent``, read when
+    it is exported; it is cleared here, right after the span started and before
+    anything else can see it. tests/test_sdk_contract.py fails if that changes. A
+    non-recording span (sampled out by the SDK's own sampler) has none.
     """
     if hasattr(span, "_parent"):
         span._parent = None
-        if start_time_ns is not None and hasattr(span, "_start_time"):
-            span._start_time = start_time_ns
 
 
 # -- trace-level attributes -------------------------------------------------------
@@ -266,21 +275,29 @@ def _make_root(span: Any, start_time_ns: Optional[int]) -> None:
 _PROPAGATED_KEY = "langfuse.propagated.{}"
 
 
-def current_trace_attributes() -> TraceAttributes:
-    """The trace attributes set with ``propagate_attributes`` in the current context."""
-    ctx = otel_context.get_current()
+_USER_ID, _SESSION_ID, _TAGS, _TRACE_NAME, _TRACE_ENVIRONMENT, _TRACE_METADATA = (
+    _PROPAGATED_KEY.format(name)
+    for name in ("user_id", "session_id", "tags", "trace_name", "environment", "metadata")
+)
+_NO_TRACE_ATTRIBUTES = TraceAttributes()
 
-    def value(name: str) -> Any:
-        return otel_context.get_value(_PROPAGATED_KEY.format(name), ctx)
 
-    tags = value("tags")
-    metadata = value("metadata")
+def current_trace_attributes(ctx: Optional[otel_context.Context] = None) -> TraceAttributes:
+    """The trace attributes set with ``propagate_attributes`` in ``ctx`` (default: the
+    current context)."""
+    if ctx is None:
+        ctx = otel_context.get_current()
+    user_id, session_id, tags = ctx.get(_USER_ID), ctx.get(_SESSION_ID), ctx.get(_TAGS)
+    trace_name, environment = ctx.get(_TRACE_NAME), ctx.get(_TRACE_ENVIRONMENT)
+    metadata = ctx.get(_TRACE_METADATA)
+    if not (user_id or session_id or tags or trace_name or environment or metadata):
+        return _NO_TRACE_ATTRIBUTES  # the usual case: nothing propagated
     return TraceAttributes(
-        user_id=_str_or_none(value("user_id")),
-        session_id=_str_or_none(value("session_id")),
+        user_id=_str_or_none(user_id),
+        session_id=_str_or_none(session_id),
         tags=tuple(tags) if isinstance(tags, (list, tuple)) else (),
-        trace_name=_str_or_none(value("trace_name")),
-        environment=_str_or_none(value("environment")),
+        trace_name=_str_or_none(trace_name),
+        environment=_str_or_none(environment),
         # Values stay JSON-encoded, as the SDK keeps them; see `propagated`.
         metadata=dict(metadata) if isinstance(metadata, dict) else {},
     )
@@ -316,6 +333,189 @@ def _json_or_raw(value: str) -> Any:
         return value
 
 
+# -- observations on the hot path -------------------------------------------------
+#
+# The SDK's `start_observation` wraps each span in a `LangfuseSpan` that runs media
+# detection and masking over input, output and metadata, JSON-encodes every metadata
+# key on its own and looks the observation type up several times. Measured on a no-op
+# task, that wrapper was a third of everything tracing added to a worker
+# (docs/benchmarks.md). The handlers' payloads are already small JSON-safe copies
+# (payload.capture), so they create their observations here instead: on the SDK's own
+# tracer, so the SDK's span processor still copies propagated attributes, marks app
+# roots and applies its export filter, and with the attributes the SDK would write.
+# The client's `mask`, if set, is applied here as the SDK would; media embedded in the
+# payloads is still found and uploaded by the SDK's exporter, which scans every
+# attribute of every span it exports.
+
+_TYPE = "langfuse.observation.type"
+_INPUT = "langfuse.observation.input"
+_OUTPUT = "langfuse.observation.output"
+_METADATA = "langfuse.observation.metadata"
+_LEVEL = "langfuse.observation.level"
+_STATUS_MESSAGE = "langfuse.observation.status_message"
+_ENVIRONMENT = "langfuse.environment"
+_RELEASE = "langfuse.release"
+_AS_ROOT = "langfuse.internal.as_root"
+
+
+class Observation:
+    """A Langfuse span observation on the hot path; see :func:`start_observation`."""
+
+    __slots__ = ("_mask", "span")
+
+    def __init__(self, span: otel_trace.Span, mask: Any) -> None:
+        self.span = span
+        self._mask = mask
+
+    @property
+    def trace_id(self) -> str:
+        return format(self.span.get_span_context().trace_id, "032x")
+
+    @property
+    def id(self) -> str:
+        return format(self.span.get_span_context().span_id, "016x")
+
+    def update(
+        self,
+        *,
+        input: Any = None,
+        output: Any = None,
+        metadata: Optional[dict[str, Any]] = None,
+        level: Optional[str] = None,
+        status_message: Optional[str] = None,
+    ) -> None:
+        """Set what is given; None leaves a field as it is (as the SDK's ``update``)."""
+        span = self.span
+        if not span.is_recording():
+            return
+        attributes: dict[str, Any] = {}
+        if input is not None:
+            attributes[_INPUT] = _json(input, self._mask)
+        if output is not None:
+            attributes[_OUTPUT] = _json(output, self._mask)
+        if metadata:
+            masked = _masked(metadata, self._mask)
+            if isinstance(masked, dict):
+                # One key each, so this adds to the metadata set at the start.
+                for key, value in masked.items():
+                    if value is not None:
+                        attributes[f"{_METADATA}.{key}"] = _encode(value)
+            else:
+                attributes[_METADATA] = _encode(masked)
+        if level is not None:
+            attributes[_LEVEL] = level
+        if status_message is not None:
+            attributes[_STATUS_MESSAGE] = status_message
+        if attributes:
+            span.set_attributes(attributes)
+        if level == "ERROR":
+            span.set_status(Status(StatusCode.ERROR, description=status_message))
+
+    def end(self) -> None:
+        self.span.end()
+
+
+
+def start_observation(
+    name: str,
+    *,
+    context: Optional[otel_context.Context] = None,
+    input: Any = None,
+    metadata: Optional[dict[str, Any]] = None,
+    level: Optional[str] = None,
+    status_message: Optional[str] = None,
+    root_of: Optional[str] = None,
+    start_time_ns: Optional[int] = None,
+) -> Observation:
+    """Start a Langfuse span observation as a child of ``context`` (default: current),
+    or, with ``root_of``, as the parentless root of that trace id.
+
+    The lean equivalent of ``get_langfuse().start_observation(as_type="span", ...)``
+    for the signal handlers: see the comment above. Not made current; use
+    :func:`context_with` for that. ``start_time_ns`` backdates it.
+    """
+    client = get_langfuse()
+    mask = getattr(client, "_mask", None)
+    # Everything known at the start goes in with the span: one pass over the attributes.
+    attributes: dict[str, Any] = dict(_static_attributes(client))
+    if input is not None:
+        attributes[_INPUT] = _json(input, mask)
+    if metadata:
+        # The whole object in one attribute: Langfuse reads it as the metadata and
+        # overlays any `langfuse.observation.metadata.<key>` set later.
+        attributes[_METADATA] = _encode(_masked(metadata, mask))
+    if level is not None:
+        attributes[_LEVEL] = level
+    if status_message is not None:
+        attributes[_STATUS_MESSAGE] = status_message
+    if root_of is not None:
+        # OTel starts a span in a given trace only under a parent of that trace: a
+        # made-up remote one, dropped by _make_root once the span has started. Marked
+        # as a root the way the SDK marks spans started with `trace_context=`.
+        context = TraceParent(root_of, new_span_id()).context(context)
+        attributes[_AS_ROOT] = True
+    tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer, its scope and processor
+    span = tracer.start_span(name, context=context, attributes=attributes, start_time=start_time_ns)
+    if root_of is not None:
+        _make_root(span)
+    if level == "ERROR":
+        span.set_status(Status(StatusCode.ERROR, description=status_message))
+    return Observation(span, mask)
+
+
+def context_with(
+    observation: Observation, context: Optional[otel_context.Context] = None
+) -> otel_context.Context:
+    """``context`` with ``observation`` as its current span, as the SDK's
+    ``start_as_current_observation`` makes it: including its claim to the trace's app
+    root, which the W3C baggage header carries to other services."""
+    ctx = otel_trace.set_span_in_context(observation.span, context)
+    if observation.span.is_recording():
+        ctx = with_app_root_claim(ctx, observation.trace_id)
+    return ctx
+
+
+_static: Optional[tuple[Any, dict[str, str]]] = None
+
+
+def _static_attributes(client: Any) -> dict[str, str]:
+    """The attributes every observation of this client starts with (type, environment,
+    release), computed once per client."""
+    global _static
+    cached = _static
+    if cached is None or cached[0] is not client:
+        attributes = {_TYPE: "span"}
+        environment = getattr(client, "_environment", None)
+        release = getattr(client, "_release", None)
+        if environment:
+            attributes[_ENVIRONMENT] = environment
+        if release:
+            attributes[_RELEASE] = release
+        cached = _static = (client, attributes)
+    return cached[1]
+
+
+# Payloads come from payload.capture (JSON types only); `default=str` guards the rest.
+# One encoder for all: `json.dumps` with options builds a new one on every call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+def _masked(value: Any, mask: Any) -> Any:
+    """``value`` through the Langfuse client's ``mask`` function, as the SDK applies it."""
+    if mask is None:
+        return value
+    try:
+        return mask(data=value)
+    except Exception:
+        log.debug("celery-langfuse: the Langfuse mask function failed", exc_info=True)
+        return "<fully masked due to failed mask function>"
+
+
+def _json(value: Any, mask: Any) -> str:
+    value = _masked(value, mask)
+    return value if isinstance(value, str) else _encode(value)
+
+
 # -- cron runs -----------------------------------------------------------------------
 #
 # The beat layer opens a cron run's root observation around the scheduler's send; the
@@ -328,9 +528,10 @@ CRON_SUCCESS_SCORE = "cron_success"
 CRON_LATENESS_SCORE = "cron_lateness_seconds"
 
 
-def current_cron_run() -> Optional[CronRun]:
-    """The cron run whose message is being sent in the current context, if any."""
-    run = otel_context.get_value(_CRON_RUN_KEY)
+def current_cron_run(ctx: Optional[otel_context.Context] = None) -> Optional[CronRun]:
+    """The cron run whose message is being sent in ``ctx`` (default: the current
+    context), if any."""
+    run = otel_context.get_value(_CRON_RUN_KEY, ctx)
     return run if isinstance(run, CronRun) else None
 
 

@@ -127,8 +127,17 @@ class TraceParent:
         )
         ctx = otel_trace.set_span_in_context(NonRecordingSpan(span_context), base)
         if self.from_langfuse:
-            ctx = baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, self.trace_id, context=ctx)
+            ctx = with_app_root_claim(ctx, self.trace_id)
         return ctx
+
+
+def with_app_root_claim(ctx: otel_context.Context, trace_id: str) -> otel_context.Context:
+    """``ctx`` with the baggage entry that tells Langfuse's span processor (here, and in
+    any service the baggage header reaches) that trace ``trace_id`` already has its
+    app root, as the SDK's ``start_as_current_observation`` sets it."""
+    if baggage.get_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, ctx) == trace_id:
+        return ctx
+    return baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, trace_id, context=ctx)
 
 
 @dataclass(frozen=True)
@@ -199,18 +208,15 @@ def extract(headers: Mapping[str, Any]) -> Extracted:
     reader = _Reader(headers)
     return Extracted(
         parent=reader.parent(),
-        attributes=TraceAttributes(
-            user_id=reader.short_string(USER_ID),
-            session_id=reader.short_string(SESSION_ID),
-            tags=reader.tags(),
-            trace_name=reader.short_string(TRACE_NAME),
-            environment=reader.environment(),
-            metadata=reader.metadata(),
-        ),
+        attributes=reader.attributes(),
         published_at=reader.timestamp(PUBLISHED_AT),
         cron=reader.cron_run(),
         malformed=tuple(reader.malformed),
     )
+
+
+_NO_ATTRIBUTES = TraceAttributes()
+_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
 
 
 class _Reader:
@@ -219,6 +225,21 @@ class _Reader:
     def __init__(self, headers: Mapping[str, Any]) -> None:
         self._headers = headers
         self.malformed: list[str] = []
+
+    def attributes(self) -> TraceAttributes:
+        for name in _ATTRIBUTE_HEADERS:
+            if self._headers.get(name) is not None:
+                break
+        else:
+            return _NO_ATTRIBUTES  # most messages carry none: skip the validation
+        return TraceAttributes(
+            user_id=self.short_string(USER_ID),
+            session_id=self.short_string(SESSION_ID),
+            tags=self.tags(),
+            trace_name=self.short_string(TRACE_NAME),
+            environment=self.environment(),
+            metadata=self.metadata(),
+        )
 
     def _drop(self, name: str, raw: Any) -> None:
         self.malformed.append(name)

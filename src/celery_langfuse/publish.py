@@ -17,6 +17,7 @@ import logging
 from collections.abc import MutableMapping
 from typing import Any, Optional
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers
@@ -56,9 +57,10 @@ def _inject_trace(
     exchange: Optional[str],
     routing_key: Optional[str],
 ) -> None:
-    attributes = client.current_trace_attributes()
-    cron = client.current_cron_run()
-    current = otel_trace.get_current_span().get_span_context()
+    ctx = otel_context.get_current()
+    attributes = client.current_trace_attributes(ctx)
+    cron = client.current_cron_run(ctx)
+    current = otel_trace.get_current_span(ctx).get_span_context()
     if not current.is_valid:
         headers.inject(message_headers, parent=None, attributes=attributes, cron=cron)
         return
@@ -79,14 +81,12 @@ def _inject_trace(
     metadata: dict[str, Any] = {"task_id": message_headers.get("id"), "queue": routing_key}
     if exchange:
         metadata["exchange"] = exchange
-    for key in ("eta", "expires", "retries", "group", "parent_id", "root_id"):
+    for key in _OPTIONAL_METADATA:
         value = message_headers.get(key)
         if value not in (None, 0, ""):
             metadata[key] = value
 
-    span = client.get_langfuse().start_observation(
-        name=f"publish {task_name}", as_type="span", metadata=metadata
-    )
+    span = client.start_observation(f"publish {task_name}", context=ctx, metadata=metadata)
     span.end()
     headers.inject(
         message_headers,
@@ -94,3 +94,6 @@ def _inject_trace(
         attributes=attributes,
         cron=cron,
     )
+
+
+_OPTIONAL_METADATA = ("eta", "expires", "retries", "group", "parent_id", "root_id")

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Optional
@@ -83,7 +83,7 @@ class Run:
     """One task execution being traced in this process."""
 
     #: The run's observation; None when the run records nothing (unless it fails).
-    observation: Any  # a LangfuseSpan
+    observation: Any  # a client.Observation
     scope: ExitStack
     traceback: Optional[str] = None
     trace_id: Optional[str] = None
@@ -171,33 +171,25 @@ class RunRegistry:
             return run
 
 
-class RequestHeaders(Mapping[str, Any]):
-    """The trace headers of a running task's request.
+def request_headers(request: Any) -> dict[str, Any]:
+    """The trace headers of a task's request, as a plain dict.
 
     A real worker delivers custom message headers both as ``request.headers`` and as
-    request attributes; eager runs only in ``request.headers``. Reads try both.
+    request attributes; eager runs only in ``request.headers``. Reads try both. Header
+    names are not identifiers ("x-langfuse-trace-id"), so as request attributes they can
+    only be entries of the instance dict: reading that dict avoids an AttributeError
+    for every header a message does not carry, on every task.
     """
-
-    __slots__ = ("_headers", "_request")
-
-    def __init__(self, request: Any) -> None:
-        self._request = request
-        custom = getattr(request, "headers", None)
-        self._headers: Mapping[str, Any] = custom if isinstance(custom, Mapping) else {}
-
-    def __getitem__(self, name: str) -> Any:
-        value = self._headers.get(name)
+    delivered = _custom_headers(request)
+    attributes: Mapping[str, Any] = getattr(request, "__dict__", None) or {}
+    found = {}
+    for name in headers.ALL_HEADERS:
+        value = delivered.get(name)
         if value is None:
-            value = getattr(self._request, name, None)
-        if value is None:
-            raise KeyError(name)
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(headers.ALL_HEADERS)
-
-    def __len__(self) -> int:
-        return len(headers.ALL_HEADERS)
+            value = attributes.get(name)
+        if value is not None:
+            found[name] = value
+    return found
 
 
 class WorkerTracing:
@@ -324,7 +316,7 @@ class WorkerTracing:
         name = getattr(request, "task", None)
         self._record_unrun(
             name if isinstance(name, str) else "task",
-            RequestHeaders(request),
+            request_headers(request),
             getattr(request, "id", None),
             "WARNING",
             status,
@@ -357,7 +349,7 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         rules = self.config.policy.rules(task.name)
-        extracted = _extract(RequestHeaders(request), task_id)
+        extracted = _extract(request_headers(request), task_id)
         start = Start(
             task_id=task_id,
             task_name=task.name,
@@ -411,23 +403,22 @@ class WorkerTracing:
                 attributes = replace(
                     attributes, trace_name=attributes.trace_name or start.task_name
                 )
-        scope.enter_context(client.propagated(attributes))
+        if attributes:
+            scope.enter_context(client.propagated(attributes))
         if not traced or trace_id is None:
             # Nothing recorded; whatever is current stays so, for the tasks it publishes.
             return Run(None, scope, trace_id=trace_id)
         if sampled:
-            fields: dict[str, Any] = {
-                "name": start.task_name,
-                "input": self._capture_input(start) if self.config.capture_input else None,
-                "metadata": _run_metadata(
+            observation = client.start_observation(
+                start.task_name,
+                input=self._capture_input(start) if self.config.capture_input else None,
+                metadata=_run_metadata(
                     start.task_id, start.request, start.extracted.published_at, start.cron
                 ),
-            }
-            observation = scope.enter_context(
-                client.root_observation(trace_id, **fields)
-                if new_trace
-                else client.get_langfuse().start_as_current_observation(as_type="span", **fields)
+                root_of=trace_id if new_trace else None,
             )
+            scope.callback(observation.end)
+            scope.enter_context(client.attached(client.context_with(observation)))
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
         if new_trace:
             # The run's own span id, never recorded: nested tasks name it as parent.
@@ -509,8 +500,7 @@ class WorkerTracing:
         parent = extracted.parent
         with client.propagated(extracted.attributes):
             if parent is not None and parent.sampled:
-                with client.attached(parent.context()):
-                    client.get_langfuse().start_observation(as_type="span", **fields).end()
+                client.start_observation(context=parent.context(), **fields).end()
                 return parent.trace_id
             if parent is not None:
                 trace_id, sampled = parent.trace_id, False
@@ -645,7 +635,7 @@ def _request_headers(task: Any, task_id: str) -> Mapping[str, Any]:
     # recorded in a trace of its own.
     request = getattr(task, "request", None)
     if getattr(request, "id", None) == task_id:
-        return RequestHeaders(request)
+        return request_headers(request)
     return {}
 
 

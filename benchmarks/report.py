@@ -1,0 +1,341 @@
+"""Turn benchmark samples into medians, ratios to plain Celery, a Markdown table and a plot."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from benchmarks.contenders import LABELS
+
+OURS = "celery-langfuse"
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    workload: str
+    field: str
+    unit: str
+    #: "ratio": contender / plain; "added": contender - plain; "value": as measured
+    compare: str
+    higher_is_better: bool
+    #: the target for celery-langfuse, in the units of ``compare``
+    target: Optional[float]
+    baseline_workload: Optional[str] = None  # where plain's figure comes from
+
+    def target_text(self) -> str:
+        if self.target is None:
+            return "-"
+        if self.compare == "ratio":
+            return f"{'≥' if self.higher_is_better else '≤'} {self.target:.2f}×"
+        if self.compare == "added":
+            return f"≤ +{self.target:g} {self.unit}"
+        return f"< {self.target:g} {self.unit}"
+
+
+METRICS = (
+    Metric(
+        "publish",
+        "publish, in an active trace",
+        "publish",
+        "publish_us",
+        "µs",
+        "ratio",
+        False,
+        1.15,
+    ),
+    Metric(
+        "publish_bare",
+        "publish, no active trace",
+        "publish-bare",
+        "publish_us",
+        "µs",
+        "ratio",
+        False,
+        1.15,
+    ),
+    Metric(
+        "solo_throughput",
+        "solo worker, tasks/s",
+        "solo",
+        "tasks_per_s",
+        "tasks/s",
+        "ratio",
+        True,
+        0.85,
+    ),
+    Metric(
+        "solo_cpu", "worker CPU per task", "solo", "cpu_us_per_task", "µs", "ratio", False, 1.25
+    ),
+    Metric(
+        "prefork_throughput",
+        "prefork -c 2, tasks/s",
+        "prefork",
+        "tasks_per_s",
+        "tasks/s",
+        "ratio",
+        True,
+        0.95,
+    ),
+    Metric(
+        "latency",
+        "publish → task start latency",
+        "latency",
+        "latency_ms",
+        "ms",
+        "added",
+        False,
+        0.3,
+    ),
+    Metric("peak_rss", "worker peak RSS (solo)", "solo", "peak_rss_mb", "MB", "added", False, 25),
+    Metric(
+        "rss_growth",
+        "RSS growth, 2nd half (solo)",
+        "solo",
+        "rss_growth_mb",
+        "MB",
+        "value",
+        False,
+        2,
+    ),
+    Metric(
+        "sink_down_throughput",
+        "sink down: solo tasks/s",
+        "sink-down",
+        "tasks_per_s",
+        "tasks/s",
+        "ratio",
+        True,
+        0.85,
+        baseline_workload="solo",
+    ),
+    Metric(
+        "sink_down_peak_rss",
+        "sink down: peak RSS (solo)",
+        "sink-down",
+        "peak_rss_mb",
+        "MB",
+        "added",
+        False,
+        25,
+        baseline_workload="solo",
+    ),
+    Metric(
+        "sink_down_rss_growth",
+        "sink down: RSS growth, 2nd half",
+        "sink-down",
+        "rss_growth_mb",
+        "MB",
+        "value",
+        False,
+        2,
+    ),
+)
+
+
+def summarise(
+    samples: dict[str, dict[str, list[dict[str, Any]]]], contenders: list[str]
+) -> dict[str, Any]:
+    """Median of each metric per contender, compared with plain Celery's median."""
+    summary: dict[str, Any] = {}
+    for metric in METRICS:
+        if metric.workload not in samples:
+            continue
+        medians = {}
+        for contender in contenders:
+            workload = metric.workload
+            if contender == "plain" and metric.baseline_workload:
+                workload = metric.baseline_workload
+            values = [
+                s[metric.field]
+                for s in samples.get(workload, {}).get(contender, [])
+                if metric.field in s
+            ]
+            if values:
+                medians[contender] = statistics.median(values)
+        base = medians.get("plain")
+        compared = {}
+        for contender, value in medians.items():
+            if metric.compare == "ratio" and base:
+                compared[contender] = value / base
+            elif metric.compare == "added" and base is not None:
+                compared[contender] = value - base
+            else:
+                compared[contender] = value
+        entry: dict[str, Any] = {"medians": medians, "compared": compared}
+        ours = compared.get(OURS)
+        if ours is not None:
+            if metric.target is not None:
+                entry["target_met"] = (
+                    ours >= metric.target
+                    if metric.higher_is_better
+                    else (
+                        ours < metric.target if metric.compare == "value" else ours <= metric.target
+                    )
+                )
+            others = [v for c, v in compared.items() if c not in ("plain", OURS)]
+            if others:
+                entry["beats_others"] = all(
+                    ours > v if metric.higher_is_better else ours < v for v in others
+                )
+        summary[metric.key] = entry
+    return summary
+
+
+def _fmt_value(value: float, unit: str) -> str:
+    if unit == "tasks/s":
+        return f"{value:,.0f} tasks/s"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "µs":
+        return f"{value:.0f} µs"
+    return f"{value:.1f} {unit}"
+
+
+def _fmt_compared(metric: Metric, value: float) -> str:
+    if metric.compare == "ratio":
+        return f"{value:.2f}×"
+    if metric.compare == "added":
+        return (
+            f"{value:+.2f} {metric.unit}" if metric.unit == "ms" else f"{value:+.1f} {metric.unit}"
+        )
+    return f"{value:+.1f} {metric.unit}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    summary = doc["summary"]
+    contenders = doc["settings"]["contenders"]
+    machine = doc["machine"]
+    out = []
+    out.append(
+        f"Medians of {doc['settings']['reps']} interleaved repetitions; plain Celery in "
+        "absolute terms, the others relative to it (× time or rate, or added ms/MB). "
+        "**Bold**: best of the tracers.\n"
+    )
+    header = ["workload"] + [LABELS[c] for c in contenders] + ["target (ours)"]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for metric in METRICS:
+        entry = summary.get(metric.key)
+        if not entry:
+            continue
+        tracers = {c: v for c, v in entry["compared"].items() if c != "plain"}
+        if metric.compare == "value":
+            best = min(tracers.items(), key=lambda kv: abs(kv[1]), default=(None, 0))[0]
+        else:
+            pick = max if metric.higher_is_better else min
+            best = pick(tracers.items(), key=lambda kv: kv[1], default=(None, 0))[0]
+        cells = [metric.title]
+        for contender in contenders:
+            if contender not in entry["compared"]:
+                cells.append("-")
+            elif contender == "plain" and metric.compare != "value":
+                cells.append(_fmt_value(entry["medians"]["plain"], metric.unit))
+            else:
+                text = _fmt_compared(metric, entry["compared"][contender])
+                cells.append(f"**{text}**" if contender == best else text)
+        met = entry.get("target_met")
+        mark = "" if met is None else (" ✅" if met else " ❌")
+        cells.append(metric.target_text() + mark)
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Absolute medians:\n")
+    header = ["metric"] + [LABELS[c] for c in contenders]
+    out.append("| " + " | ".join(header) + " |")
+    out.append("|" + "---|" * len(header))
+    for metric in METRICS:
+        entry = summary.get(metric.key)
+        if not entry:
+            continue
+        cells = [f"{metric.title} ({metric.unit})"]
+        for contender in contenders:
+            value = entry["medians"].get(contender)
+            cells.append("-" if value is None else f"{value:,.2f}")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v)
+    load_before = ", ".join(f"{x:.2f}" for x in doc["load_average_before"])
+    load_after = ", ".join(f"{x:.2f}" for x in doc["load_average_after"])
+    out.append(
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, "
+        f"{machine['platform']}. Versions: {versions}. Commit {machine['commit']}. "
+        f"Load average before {load_before}, after {load_after}. "
+        f"Took {doc['seconds']:.0f} s: `{doc['command']}`.\n"
+    )
+    return "\n".join(out)
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = doc["summary"]
+    contenders = [c for c in doc["settings"]["contenders"]]
+    metrics = [m for m in METRICS if m.key in summary]
+    columns = 3
+    rows = (len(metrics) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(15, 3.1 * rows), squeeze=False)
+    colours = {
+        "plain": "#9e9e9e",
+        "celery-langfuse": "#1565c0",
+        "otel": "#f9a825",
+        "otel-langfuse": "#ef6c00",
+        "sentry": "#6a1b9a",
+    }
+    for axis, metric in zip(axes.flat, metrics):
+        entry = summary[metric.key]
+        shown = [c for c in contenders if c in entry["compared"]]
+        values = [entry["compared"][c] for c in shown]
+        if metric.compare == "ratio":
+            reference, xlabel = (
+                1.0,
+                "× plain Celery"
+                + (" (higher is better)" if metric.higher_is_better else " (lower is better)"),
+            )
+        elif metric.compare == "added":
+            values = [0.0 if c == "plain" else v for c, v in zip(shown, values)]
+            reference, xlabel = 0.0, f"{metric.unit} added to plain Celery (lower is better)"
+        else:
+            reference, xlabel = 0.0, f"{metric.unit} (closer to 0 is better)"
+        positions = range(len(shown))[::-1]
+        axis.barh(
+            list(positions),
+            values,
+            color=[colours[c] for c in shown],
+            left=0 if metric.compare != "ratio" else 0,
+        )
+        for y, value in zip(positions, values):
+            text = _fmt_compared(metric, value) if metric.compare != "ratio" else f"{value:.2f}×"
+            axis.annotate(
+                text, (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8
+            )
+        axis.axvline(reference, color="black", linewidth=0.8)
+        if metric.target is not None:
+            axis.axvline(metric.target, color="#c62828", linestyle="--", linewidth=1)
+        axis.set_yticks(list(positions), [LABELS[c] for c in shown], fontsize=8)
+        plain = entry["medians"].get("plain")
+        base = (
+            f" — plain: {_fmt_value(plain, metric.unit)}"
+            if plain is not None and metric.compare != "value"
+            else ""
+        )
+        axis.set_title(metric.title + base, fontsize=9)
+        axis.set_xlabel(xlabel, fontsize=8)
+        axis.tick_params(axis="x", labelsize=8)
+        low, high = axis.get_xlim()
+        axis.set_xlim(min(low, 0), high * 1.18 if high > 0 else high)
+    for axis in list(axes.flat)[len(metrics) :]:
+        axis.axis("off")
+    fig.suptitle(
+        "Cost of Celery tracers, relative to plain Celery "
+        "(red dashed line: celery-langfuse's target)",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
