@@ -149,7 +149,6 @@ def test_langfuse_unreachable_tasks_succeed_and_shutdown_meets_the_deadline(
     # two flush deadlines at most (children in parallel, then the main process) plus
     # Celery's own shutdown; an unbounded flush would retry exports for much longer.
     assert shutdown_seconds < 2 * 2 + 4, worker.log()
-    assert "giving up so shutdown is not delayed" in worker.log() or shutdown_seconds < 4
 
 
 @pytest.mark.parametrize(
