@@ -303,16 +303,17 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         else:
             reference, xlabel = 0.0, f"{metric.unit} (closer to 0 is better)"
         positions = range(len(shown))[::-1]
-        axis.barh(
-            list(positions),
-            values,
-            color=[colours[c] for c in shown],
-            left=0 if metric.compare != "ratio" else 0,
-        )
+        axis.barh(list(positions), values, color=[colours[c] for c in shown])
         for y, value in zip(positions, values):
             text = _fmt_compared(metric, value) if metric.compare != "ratio" else f"{value:.2f}×"
+            # Labels sit right of the bar's end, or of the zero line for negative bars.
             axis.annotate(
-                text, (value, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8
+                text,
+                (max(value, 0.0), y),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
             )
         axis.axvline(reference, color="black", linewidth=0.8)
         if metric.target is not None:

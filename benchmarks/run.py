@@ -48,9 +48,9 @@ PYTHON = sys.executable
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
-    parser.add_argument("--n-publish", type=int, default=5000, help="publishes timed per process")
-    parser.add_argument("--n-worker", type=int, default=6000, help="no-op tasks per worker run")
-    parser.add_argument("--n-latency", type=int, default=300, help="latency probes per process")
+    parser.add_argument("--n-publish", type=int, default=3000, help="publishes timed per process")
+    parser.add_argument("--n-worker", type=int, default=3000, help="no-op tasks per worker run")
+    parser.add_argument("--n-latency", type=int, default=200, help="latency probes per process")
     parser.add_argument(
         "--per-parent",
         type=int,
@@ -147,7 +147,11 @@ class Bench:
         sink = f"http://127.0.0.1:{self.closed_port if sink_down else self.sink_port}"
         env.update(
             PYTHONPATH=os.pathsep.join(
-                [os.environ.get("BENCH_SITE_DIR", str(ROOT / "benchmarks" / "_site")), str(ROOT / "src"), str(ROOT)]
+                [
+                    os.environ.get("BENCH_SITE_DIR", str(ROOT / "benchmarks" / "_site")),
+                    str(ROOT / "src"),
+                    str(ROOT),
+                ]
             ),
             BENCH_HIDDEN_MODULES=",".join(self.hidden_modules),
             PYTHONDONTWRITEBYTECODE="1",
