@@ -75,14 +75,20 @@ def test_warm_shutdown_by_sigterm_loses_nothing(
     tasks_app: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
     with worker_process(capture.env, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker:
-        results = [tasks_app.slow.apply_async((0.5,), queue=worker.queue) for _ in range(2)]
-        # SIGTERM while both runs are in flight: they finish, then the children exit.
-        deadline = time.monotonic() + 10
-        while "Task tests.support.tasks.slow" not in worker.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        started_key = f"started-{uuid.uuid4()}"
+        results = [
+            tasks_app.slow.apply_async((1.0, started_key), queue=worker.queue) for _ in range(2)
+        ]
+        # SIGTERM once both runs are in flight (a message merely received would be
+        # requeued, not run): they finish, then the children exit.
+        started = Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 15
+        while int(started.get(started_key) or 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert int(started.get(started_key) or 0) == 2, worker.log()
         worker.stop()
         ids = {r.id for r in results}
-        assert all(r.get(timeout=10) == 0.5 for r in results)
+        assert all(r.get(timeout=10) == 1.0 for r in results)
     # Nothing is waited for here: the children flushed before they exited.
     assert len(runs_of(capture, ids)) == 2
 
@@ -143,7 +149,6 @@ def test_langfuse_unreachable_tasks_succeed_and_shutdown_meets_the_deadline(
     # two flush deadlines at most (children in parallel, then the main process) plus
     # Celery's own shutdown; an unbounded flush would retry exports for much longer.
     assert shutdown_seconds < 2 * 2 + 4, worker.log()
-    assert "giving up so shutdown is not delayed" in worker.log() or shutdown_seconds < 4
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ test that drives it agree: CELERY_LANGFUSE_TEST_BROKER, CELERY_LANGFUSE_TEST_QUE
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from celery import Celery, chord, group
 from celery.exceptions import Ignore, Reject
@@ -110,9 +111,14 @@ def rejected() -> None:
 
 
 @app.task
-def slow(seconds: float) -> float:
+def slow(seconds: float, started_key: Optional[str] = None) -> float:
+    """Sleep; with ``started_key``, first count this run as started in Redis."""
     import time
 
+    if started_key:
+        from redis import Redis
+
+        Redis.from_url(BROKER).incr(started_key)
     time.sleep(seconds)
     return seconds
 
