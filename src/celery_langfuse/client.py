@@ -36,6 +36,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
 from .sampling import new_span_id
+from .spans import Recorder, recorder_for
 
 log = logging.getLogger(__name__)
 
@@ -449,15 +450,29 @@ def start_observation(
     if status_message is not None:
         attributes[_STATUS_MESSAGE] = status_message
     if root_of is not None:
-        # OTel starts a span in a given trace only under a parent of that trace: a
-        # made-up remote one, dropped by _make_root once the span has started. Marked
-        # as a root the way the SDK marks spans started with `trace_context=`.
-        context = TraceParent(root_of, new_span_id()).context(context)
+        # Marked as a root the way the SDK marks spans started with `trace_context=`.
         attributes[_AS_ROOT] = True
-    tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer, its scope and processor
-    span = tracer.start_span(name, context=context, attributes=attributes, start_time=start_time_ns)
-    if root_of is not None:
-        _make_root(span)
+    span: Optional[otel_trace.Span] = None
+    recorder = _recorder(client)
+    if recorder is not None:
+        span = recorder.start_span(
+            name,
+            context,
+            attributes,
+            start_time_ns,
+            int(root_of, 16) if root_of is not None else None,
+        )
+    if span is None:
+        if root_of is not None:
+            # OTel starts a span in a given trace only under a parent of that trace: a
+            # made-up remote one, dropped by _make_root once the span has started.
+            context = TraceParent(root_of, new_span_id()).context(context)
+        tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer and processor
+        span = tracer.start_span(
+            name, context=context, attributes=attributes, start_time=start_time_ns
+        )
+        if root_of is not None:
+            _make_root(span)
     if level == "ERROR":
         span.set_status(Status(StatusCode.ERROR, description=status_message))
     return Observation(span, mask)
@@ -473,6 +488,22 @@ def context_with(
     if observation.span.is_recording():
         ctx = with_app_root_claim(ctx, observation.trace_id)
     return ctx
+
+
+_recorders: Optional[tuple[Any, Optional[Recorder]]] = None
+
+
+def _recorder(client: Any) -> Optional[Recorder]:
+    """The lean recorder of ``client`` (:mod:`celery_langfuse.spans`), decided once per
+    client; None where its observations must be the SDK's own spans."""
+    global _recorders
+    cached = _recorders
+    if cached is None or cached[0] is not client:
+        with _lock:
+            cached = _recorders
+            if cached is None or cached[0] is not client:
+                cached = _recorders = (client, recorder_for(client))
+    return cached[1]
 
 
 _static: Optional[tuple[Any, dict[str, str]]] = None

@@ -1,0 +1,369 @@
+"""The observations this library records itself, without the OTel SDK's span machinery.
+
+A task run costs one observation, and with the SDK's span each one is a dozen
+objects (attributes, limits, events, links, locks, contexts) that wait in the batch
+queue until export, where they are copied for the media scan and rebuilt as protobuf
+objects: on a no-op task that was most of what tracing cost, garbage collection
+included (docs/benchmarks.md). A :class:`LeanSpan` is one object and a dict while it
+runs; when it ends it is encoded to OTLP bytes (:mod:`celery_langfuse.otlp`) and
+queued for :class:`~celery_langfuse.export.SpanExport`.
+
+It is still an OpenTelemetry span: made current, it is the parent of whatever the task
+starts (the SDK's observations, other instrumentations' spans), and the SDK's
+``update_current_span`` and friends write to it. What the SDK's span processor does
+when a span starts is done here too: the trace attributes set with
+``propagate_attributes`` are copied onto it and the app root is marked by the same
+rule. A span whose input or output carries a base64 data URI is handed to the SDK's
+processor when it ends instead, so the SDK uploads the media as it would.
+
+:func:`recorder_for` decides, once per client, whether this path can be used: only
+when the client exports the SDK's default way, with nothing that would see the spans
+differently (a custom exporter, span filter, export mask, sampler, id generator, or
+another span processor on its tracer provider). Otherwise observations are SDK spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+import traceback
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from langfuse._client.propagation import _get_propagated_attributes_from_context
+from langfuse._client.span_filter import is_default_export_span
+from opentelemetry import baggage
+from opentelemetry import context as otel_context
+from opentelemetry import trace as otel_trace
+from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+
+from . import otlp
+from .export import SpanExport
+
+log = logging.getLogger(__name__)
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_IS_APP_ROOT = "langfuse.internal.is_app_root"
+_APP_ROOT_CLAIM = "langfuse_trace_id"  # the SDK's baggage key; see headers.with_app_root_claim
+_MEDIA_MARK = ";base64,"
+_STATUS_CODES = {StatusCode.OK: otlp.STATUS_OK, StatusCode.ERROR: otlp.STATUS_ERROR}
+
+
+class LeanSpan(otel_trace.Span):
+    """A recording span that becomes OTLP bytes when it ends; see the module doc."""
+
+    __slots__ = (
+        "_context",
+        "_ended",
+        "_events",
+        "_parent",
+        "_recorder",
+        "_status",
+        "attributes",
+        "name",
+        "start_time",
+    )
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        name: str,
+        context: SpanContext,
+        parent: Optional[SpanContext],
+        attributes: dict[str, Any],
+        start_time: int,
+    ) -> None:
+        self._recorder = recorder
+        self._context = context
+        self._parent = parent
+        self.name = name
+        self.start_time = start_time
+        self.attributes = attributes
+        self._events: Optional[list[tuple[str, int, Mapping[str, Any]]]] = None
+        self._status: tuple[int, Optional[str]] = (otlp.STATUS_UNSET, None)
+        self._ended = False
+
+    @property
+    def parent(self) -> Optional[SpanContext]:
+        return self._parent
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return not self._ended
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if not self._ended and value is not None:
+            self.attributes[key] = value
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        if not self._ended:
+            self.attributes.update((k, v) for k, v in attributes.items() if v is not None)
+
+    def update_name(self, name: str) -> None:
+        if not self._ended:
+            self.name = name
+
+    def add_event(
+        self,
+        name: str,
+        attributes: Optional[Mapping[str, Any]] = None,
+        timestamp: Optional[int] = None,
+    ) -> None:
+        if self._ended:
+            return
+        if self._events is None:
+            self._events = []
+        self._events.append((name, timestamp or time.time_ns(), dict(attributes or {})))
+
+    def set_status(self, status: Any, description: Optional[str] = None) -> None:
+        if self._ended:
+            return
+        if isinstance(status, Status):
+            status, description = status.status_code, status.description
+        code = _STATUS_CODES.get(status)
+        if code is not None and self._status[0] != otlp.STATUS_OK:  # OK is final, as in OTel
+            self._status = (code, description if code == otlp.STATUS_ERROR else None)
+
+    def record_exception(
+        self,
+        exception: BaseException,
+        attributes: Optional[Mapping[str, Any]] = None,
+        timestamp: Optional[int] = None,
+        escaped: bool = False,
+    ) -> None:
+        fields = {
+            "exception.type": type(exception).__qualname__,
+            "exception.message": str(exception),
+            "exception.stacktrace": "".join(traceback.format_exception(exception)),
+            "exception.escaped": str(escaped),
+            **(attributes or {}),
+        }
+        self.add_event("exception", fields, timestamp)
+
+    def end(self, end_time: Optional[int] = None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._recorder.finish(self, end_time or time.time_ns())
+
+    def __repr__(self) -> str:
+        return f"LeanSpan({self.name!r}, span_id={self._context.span_id:016x})"
+
+
+class Recorder:
+    """Starts :class:`LeanSpan` observations for one Langfuse client and sends them."""
+
+    def __init__(self, export: SpanExport, sdk_processor: Any, resource: Any, scope: Any) -> None:
+        self.export = export
+        # For the rare span carrying media: the SDK's processor, and what it needs to
+        # see the span as one of its own.
+        self._sdk_processor = sdk_processor
+        self._resource = resource
+        self._scope = scope
+
+    def start_span(
+        self,
+        name: str,
+        context: Optional[otel_context.Context],
+        attributes: dict[str, Any],
+        start_time: Optional[int],
+        root_of: Optional[int],
+    ) -> Optional[LeanSpan]:
+        """A recording span, or None where the SDK must decide (a parent sampled out)."""
+        if context is None:
+            context = otel_context.get_current()
+        parent_span = otel_trace.get_current_span(context)
+        parent: Optional[SpanContext] = None
+        if root_of is not None:
+            trace_id = root_of
+        else:
+            parent = parent_span.get_span_context()
+            if parent.is_valid:
+                if not parent.trace_flags.sampled:
+                    return None
+                trace_id = parent.trace_id
+            else:
+                parent = None
+                trace_id = random.getrandbits(128) or 1
+        span_context = SpanContext(trace_id, random.getrandbits(64) or 1, False, _SAMPLED)
+        propagated = _propagated_attributes(context)
+        if propagated:
+            attributes.update(propagated)
+        if _is_app_root(trace_id, parent, parent_span, context):
+            attributes[_IS_APP_ROOT] = True
+        return LeanSpan(self, name, span_context, parent, attributes, start_time or time.time_ns())
+
+    def finish(self, span: LeanSpan, end_time: int) -> None:
+        try:
+            if _may_carry_media(span.attributes):
+                self._hand_to_sdk(span, end_time)
+                return
+            parent = span._parent
+            status_code, status_message = span._status
+            context = span._context
+            encoded = otlp.encode_span(
+                trace_id=context.trace_id,
+                span_id=context.span_id,
+                parent_id=parent.span_id if parent is not None else None,
+                parent_is_remote=parent is not None and parent.is_remote,
+                name=span.name,
+                start_ns=span.start_time,
+                end_ns=end_time,
+                span_attributes=span.attributes,
+                events=span._events or (),
+                status_code=status_code,
+                status_message=status_message,
+            )
+        except Exception:
+            log.warning(
+                "celery-langfuse: could not encode observation %r", span.name, exc_info=True
+            )
+            return
+        self.export.submit(encoded)
+
+    def _hand_to_sdk(self, span: LeanSpan, end_time: int) -> None:
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+
+        code, message = span._status
+        status_code = {otlp.STATUS_OK: StatusCode.OK, otlp.STATUS_ERROR: StatusCode.ERROR}.get(
+            code, StatusCode.UNSET
+        )
+        readable = ReadableSpan(
+            name=span.name,
+            context=span._context,
+            parent=span._parent,
+            resource=self._resource,
+            attributes=span.attributes,
+            events=[Event(name, attrs, ts) for name, ts, attrs in span._events or ()],
+            kind=otel_trace.SpanKind.INTERNAL,
+            instrumentation_scope=self._scope,
+            status=Status(status_code, message),
+            start_time=span.start_time,
+            end_time=end_time,
+        )
+        self._sdk_processor.on_end(readable)
+
+
+def _may_carry_media(attributes: Mapping[str, Any]) -> bool:
+    """Whether the SDK's media scan could find something to upload (a base64 data URI)."""
+    return any(isinstance(value, str) and _MEDIA_MARK in value for value in attributes.values())
+
+
+def _is_app_root(
+    trace_id: int, parent: Optional[SpanContext], parent_span: Any, context: otel_context.Context
+) -> bool:
+    """The SDK span processor's rule: a span is its trace's app root in Langfuse unless
+    its parent is a local span that Langfuse receives, or the context claims the trace
+    already has its root (baggage set where the trace started)."""
+    if parent is not None and not parent.is_remote and _exported_by_langfuse(parent_span):
+        return False
+    claim = baggage.get_baggage(_APP_ROOT_CLAIM, context)
+    return claim is None or str(claim).lower() != format(trace_id, "032x")
+
+
+def _exported_by_langfuse(span: Any) -> bool:
+    if isinstance(span, LeanSpan):
+        return True
+    try:
+        return span.is_recording() and bool(is_default_export_span(span))
+    except Exception:
+        return False
+
+
+def _propagated_attributes(context: otel_context.Context) -> dict[str, Any]:
+    """The span attributes the SDK's processor copies from ``propagate_attributes``.
+
+    The SDK's function for it is private; this is the one place that calls it
+    (tests/test_sdk_contract.py fails if it changes).
+    """
+    return _get_propagated_attributes_from_context(context)
+
+
+# -- when the lean path is used ------------------------------------------------------
+
+def recorder_for(client: Any) -> Optional[Recorder]:
+    """A :class:`Recorder` for ``client``, or None where its observations must be SDK
+    spans (see the module doc). Reads the client's private resource manager; kept in
+    this function and covered by tests/test_sdk_contract.py."""
+    try:
+        return _recorder_for(client)
+    except Exception:
+        log.debug("celery-langfuse: using the SDK's span path", exc_info=True)
+        return None
+
+
+def _recorder_for(client: Any) -> Optional[Recorder]:
+    from langfuse._client.constants import LANGFUSE_TRACER_NAME
+    from langfuse._client.span_processor import LangfuseSpanProcessor, _resolve_compression
+    from langfuse._version import __version__ as langfuse_version
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    resources = getattr(client, "_resources", None)
+    if resources is None or not getattr(client, "_tracing_enabled", False):
+        return None
+    if (
+        resources.span_exporter is not None
+        or resources.mask_otel_spans is not None
+        or resources.should_export_span is not None
+        or resources.id_generator is not None
+        or (resources.sample_rate is not None and resources.sample_rate < 1)
+    ):
+        return None
+    provider = resources.tracer_provider
+    if not isinstance(provider, TracerProvider):
+        return None
+    default_sampler = ParentBased(ALWAYS_ON).get_description()  # type: ignore[no-untyped-call]
+    if provider.sampler.get_description() != default_sampler:  # type: ignore[no-untyped-call]
+        return None
+    processors = provider._active_span_processor._span_processors
+    if len(processors) != 1 or not isinstance(processors[0], LangfuseSpanProcessor):
+        return None
+
+    public_key = resources.public_key
+    timeout = float(resources.timeout or 5)
+    flush_at = resources.flush_at or int(os.environ.get("LANGFUSE_FLUSH_AT") or 512)
+    flush_interval = resources.flush_interval
+    if flush_interval is None:
+        flush_interval = float(os.environ.get("LANGFUSE_FLUSH_INTERVAL") or 5.0)
+    path = os.environ.get("LANGFUSE_OTEL_TRACES_EXPORT_PATH")
+    endpoint = (
+        f"{resources.base_url}/{path}"
+        if path
+        else f"{resources.base_url}/api/public/otel/v1/traces"
+    )
+    import base64
+
+    auth = base64.b64encode(f"{public_key}:{resources.secret_key}".encode()).decode("ascii")
+    headers = {
+        "Authorization": f"Basic {auth}",
+        "x-langfuse-sdk-name": "python",
+        "x-langfuse-sdk-version": langfuse_version,
+        "x-langfuse-public-key": public_key,
+        "x-langfuse-ingestion-version": "4",
+        **(resources.additional_headers or {}),
+    }
+    scope_attributes = {"public_key": public_key}
+    export = SpanExport(
+        endpoint=endpoint,
+        headers=headers,
+        timeout=timeout,
+        flush_at=flush_at,
+        flush_interval=flush_interval,
+        gzip_body=_resolve_compression(resources.otel_compression) == Compression.Gzip,
+        scope=otlp.encode_scope(
+            resource_attributes=dict(provider.resource.attributes),
+            scope_name=LANGFUSE_TRACER_NAME,
+            scope_version=langfuse_version,
+            scope_attributes=scope_attributes,
+        ),
+    )
+    provider.add_span_processor(export)  # so langfuse.flush() and shutdown reach it
+    scope = InstrumentationScope(LANGFUSE_TRACER_NAME, langfuse_version, None, scope_attributes)
+    return Recorder(export, processors[0], provider.resource, scope)

@@ -1,0 +1,151 @@
+"""The lean observation path (celery_langfuse.spans, .otlp, .export) against what the
+SDK would send: the same OTLP message, the same propagated attributes and app-root
+marks, SDK calls on the current span still landing, media still handed to the SDK."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+
+import pytest
+from langfuse import get_client, propagate_attributes
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from celery_langfuse import client, otlp
+from celery_langfuse.spans import LeanSpan
+from celery_langfuse.testing import CaptureServer
+
+
+@pytest.fixture
+def capture(langfuse_capture_clean: CaptureServer) -> Iterator[CaptureServer]:
+    yield langfuse_capture_clean
+
+
+def exported(capture: CaptureServer, count: int) -> None:
+    client.flush(10)
+    capture.wait_for(lambda s: len(s.observations) >= count)
+
+
+def test_the_session_client_records_lean_observations(capture: CaptureServer) -> None:
+    observation = client.start_observation("contract")
+    observation.end()
+    assert isinstance(observation.span, LeanSpan), (
+        "spans.recorder_for no longer recognises the SDK's default export setup "
+        "(LangfuseResourceManager fields, or the tracer provider's processor list)"
+    )
+
+
+def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
+    context = SpanContext(0xABC << 64 | 7, 0x1234, False, TraceFlags(1))
+    parent = SpanContext(0xABC << 64 | 7, 0x99, True, TraceFlags(1))
+    attributes = {
+        "langfuse.observation.input": '{"args":[1,"é"],"kwargs":{}}',
+        "count": -3,
+        "ratio": 0.25,
+        "flag": True,
+        "tags": ("a", "b"),
+    }
+    events = [("exception", 5, {"exception.type": "ValueError"})]
+    resource = Resource({"service.name": "worker", "langfuse.release": "r1"})
+    scope = InstrumentationScope("langfuse-sdk", "5.0.4", None, {"public_key": "pk"})
+    ours = otlp.encode_request(
+        otlp.encode_scope(
+            resource_attributes=dict(resource.attributes),
+            scope_name=scope.name,
+            scope_version=scope.version,
+            scope_attributes=dict(scope.attributes),
+        ),
+        [
+            otlp.encode_span(
+                trace_id=context.trace_id,
+                span_id=context.span_id,
+                parent_id=parent.span_id,
+                parent_is_remote=True,
+                name="run tasks.add",
+                start_ns=1_000,
+                end_ns=2_000,
+                span_attributes=attributes,
+                events=events,
+                status_code=otlp.STATUS_ERROR,
+                status_message="boom",
+            )
+        ],
+    )
+    sdk_span = ReadableSpan(
+        name="run tasks.add",
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=attributes,
+        events=[Event(name, attrs, ts) for name, ts, attrs in events],
+        kind=SpanKind.INTERNAL,
+        instrumentation_scope=scope,
+        status=Status(StatusCode.ERROR, "boom"),
+        start_time=1_000,
+        end_time=2_000,
+    )
+    assert ExportTraceServiceRequest.FromString(ours) == encode_spans([sdk_span])
+
+
+def test_propagated_attributes_and_sdk_updates_land_on_a_lean_observation(
+    capture: CaptureServer,
+) -> None:
+    with propagate_attributes(user_id="u-1", session_id="s-1", tags=["t"]):
+        with client.root_observation("7e" * 16, name="run") as run:
+            get_client().update_current_span(output={"answer": 42}, metadata={"step": "two"})
+            with get_client().start_as_current_observation(name="child"):
+                pass
+    assert isinstance(run.span, LeanSpan)
+    exported(capture, 2)
+    trace = capture.trace("7e" * 16)
+    root = trace.find("run")
+    assert (root.user_id, root.session_id) == ("u-1", "s-1")
+    assert root.output == {"answer": 42}
+    assert root.metadata.get("step") == "two"
+    assert trace.find("child").parent_id == root.id
+    assert trace.orphans() == []
+
+
+def test_the_run_is_the_app_root_unless_the_trace_is_claimed(capture: CaptureServer) -> None:
+    with client.root_observation("6d" * 16, name="root"):
+        with get_client().start_as_current_observation(name="inner"):
+            pass
+    exported(capture, 2)
+    attributes = {o.name: o.attributes for o in capture.observations}
+    assert attributes["root"].get("langfuse.internal.is_app_root") is True
+    assert "langfuse.internal.is_app_root" not in attributes["inner"]
+
+
+def test_an_observation_carrying_media_is_handed_to_the_sdk(capture: CaptureServer) -> None:
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+    observation = client.start_observation("with media", input={"image": image})
+    observation.end()
+    exported(capture, 1)
+    (received,) = capture.observations
+    assert "base64," not in str(received.input)
+    assert "@@@langfuseMedia" in str(received.input)
+
+
+def test_the_sdk_span_path_still_makes_parentless_roots(
+    capture: CaptureServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the lean path is not used (a custom exporter, filter, sampler...), a root
+    in a chosen trace is an SDK span whose invented parent is dropped."""
+    monkeypatch.setattr(client, "_recorders", (get_client(), None))
+    started = time.time_ns() - 2_000_000_000
+    with client.root_observation("5f" * 16, name="root", start_time_ns=started) as root:
+        pass
+    assert not isinstance(root.span, LeanSpan)
+    exported(capture, 1)
+    received = capture.trace("5f" * 16).find("root")
+    assert received.parent_id is None, (
+        "the OTel SDK span no longer keeps its parent in `_parent`: client._make_root "
+        "cannot drop the parent the Langfuse SDK invents for trace_context="
+    )
+    assert received.duration >= 1.9
