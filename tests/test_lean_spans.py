@@ -63,17 +63,19 @@ def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
         ),
         [
             otlp.encode_span(
-                trace_id=context.trace_id,
-                span_id=context.span_id,
-                parent_id=parent.span_id,
-                parent_is_remote=True,
-                name="run tasks.add",
-                start_ns=1_000,
-                end_ns=2_000,
-                span_attributes=attributes,
-                events=events,
-                status_code=otlp.STATUS_ERROR,
-                status_message="boom",
+                otlp.FinishedSpan(
+                    trace_id=context.trace_id,
+                    span_id=context.span_id,
+                    parent_id=parent.span_id,
+                    parent_is_remote=True,
+                    name="run tasks.add",
+                    start_ns=1_000,
+                    end_ns=2_000,
+                    attributes=attributes,
+                    events=events,
+                    status_code=otlp.STATUS_ERROR,
+                    status_message="boom",
+                )
             )
         ],
     )

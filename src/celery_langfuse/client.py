@@ -86,6 +86,16 @@ def get_langfuse() -> langfuse.Langfuse:
     return client
 
 
+def warm_up() -> None:
+    """Create the client and decide its observation path now; never raises."""
+    if not langfuse_keys_configured():
+        return  # nothing would be sent; the first observation warns as before
+    try:
+        _recorder(get_langfuse())
+    except Exception:
+        log.warning("celery-langfuse: could not create the Langfuse client", exc_info=True)
+
+
 def _create_client() -> langfuse.Langfuse:
     """The one place a client is made: the user's, if they made one, else ours.
 

@@ -1,7 +1,8 @@
 """Sending this library's own observations to Langfuse, in batches, off the task thread.
 
-Spans arrive here already encoded (:mod:`celery_langfuse.otlp`): a queue of ``bytes``,
-which the garbage collector never has to walk, drained by one daemon thread that
+Ended spans arrive as flat tuples of strings and numbers (``otlp.FinishedSpan``), which
+the garbage collector soon stops walking, and wait in a queue drained by one daemon
+thread that encodes them (:mod:`celery_langfuse.otlp`), off the task's thread, and
 POSTs a gzip'd OTLP request to Langfuse's ingestion endpoint whenever ``flush_at``
 spans are waiting or ``flush_interval`` seconds have passed, the same triggers as the
 SDK's batch processor. Retries follow the OTLP exporter's rule (connection errors,
@@ -27,7 +28,7 @@ from typing import Any, Optional
 from opentelemetry.sdk.trace import SpanProcessor
 
 from .logs import warn_rate_limited
-from .otlp import encode_request
+from .otlp import FinishedSpan, encode_request, encode_span
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class SpanExport(SpanProcessor):
 
     def _reset(self) -> None:
         self._condition = threading.Condition(threading.Lock())
-        self._queue: list[bytes] = []
+        self._queue: list[FinishedSpan] = []
         self._flush_waiters: list[threading.Event] = []
         self._thread: Optional[threading.Thread] = None
         self._sending = False
@@ -79,8 +80,8 @@ class SpanExport(SpanProcessor):
 
     # -- the task thread's side -------------------------------------------------------
 
-    def submit(self, span: bytes) -> None:
-        """Queue one encoded span; never blocks on the network."""
+    def submit(self, span: FinishedSpan) -> None:
+        """Queue one ended span; never blocks on the network."""
         with self._condition:
             if self._stopped:
                 return
@@ -161,8 +162,8 @@ class SpanExport(SpanProcessor):
             if stopped and drained:
                 return
 
-    def _send(self, batch: list[bytes]) -> None:
-        body = encode_request(self._scope, batch)
+    def _send(self, batch: list[FinishedSpan]) -> None:
+        body = encode_request(self._scope, [self._encoded(span) for span in batch])
         if self._gzip:
             body = gzip.compress(body, compresslevel=6)
         deadline = time.monotonic() + self._timeout
@@ -183,6 +184,16 @@ class SpanExport(SpanProcessor):
                 return
             time.sleep(delay * (0.5 + random.random()))
             delay *= 2
+
+    @staticmethod
+    def _encoded(span: FinishedSpan) -> bytes:
+        try:
+            return encode_span(span)
+        except Exception:  # one bad attribute value must not lose the batch
+            warn_rate_limited(
+                log, "encode", "celery-langfuse: could not encode observation %r", span.name
+            )
+            return b""
 
     def _post(self, body: bytes, deadline: float) -> Optional[tuple[str, bool]]:
         """POST one request: None when accepted, else (why, whether to retry)."""

@@ -108,8 +108,15 @@ def _flush_before_exit(**_: Any) -> None:
     client.flush(client.exit_flush_timeout)
 
 
+def _warm_up(**_: Any) -> None:
+    """Make the client when a pool process starts (prefork children, the solo pool),
+    before it takes tasks, rather than during its first task."""
+    client.warm_up()
+
+
 _PROCESS_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
     (signals.before_task_publish, on_before_task_publish),
+    (signals.worker_process_init, _warm_up),
     (signals.worker_process_shutdown, _flush_before_exit),
     (signals.worker_shutdown, _flush_before_exit),
 )

@@ -12,8 +12,8 @@ tests/test_otlp.py decodes what this writes with the official protobuf classes.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional
 
 _SMALL_VARINTS = tuple(bytes((n,)) for n in range(128))
 _FIXED64 = struct.Struct("<Q").pack
@@ -87,21 +87,25 @@ def attributes(tag: bytes, values: Mapping[str, Any]) -> bytes:
     )
 
 
-def encode_span(
-    *,
-    trace_id: int,
-    span_id: int,
-    parent_id: Optional[int],
-    parent_is_remote: bool,
-    name: str,
-    start_ns: int,
-    end_ns: int,
-    span_attributes: Mapping[str, Any],
-    events: Iterable[tuple[str, int, Mapping[str, Any]]] = (),
-    status_code: int = STATUS_UNSET,
-    status_message: Optional[str] = None,
-) -> bytes:
+class FinishedSpan(NamedTuple):
+    """What an ended span sends: encoded later, on the export thread."""
+
+    trace_id: int
+    span_id: int
+    parent_id: Optional[int]
+    parent_is_remote: bool
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: Mapping[str, Any]
+    events: Sequence[tuple[str, int, Mapping[str, Any]]] = ()
+    status_code: int = STATUS_UNSET
+    status_message: Optional[str] = None
+
+
+def encode_span(span: FinishedSpan) -> bytes:
     """One span, as the ``spans`` field (2) of a ``ScopeSpans`` message."""
+    (trace_id, span_id, parent_id, parent_is_remote, name, start_ns, end_ns) = span[:7]
     parts = [
         b"\x0a\x10",
         trace_id.to_bytes(16, "big"),
@@ -117,15 +121,15 @@ def encode_span(
         _FIXED64(start_ns),
         b"\x41",
         _FIXED64(end_ns),
-        attributes(b"\x4a", span_attributes),
+        attributes(b"\x4a", span.attributes),
     )
-    for event_name, time_ns, event_attributes in events:
+    for event_name, time_ns, event_attributes in span.events:
         event = b"\x09" + _FIXED64(time_ns) + _field(b"\x12", event_name.encode("utf-8", "replace"))
         parts.append(_field(b"\x5a", event + attributes(b"\x1a", event_attributes)))
-    if status_code != STATUS_UNSET:
-        status = b"\x18" + _varint(status_code)
-        if status_message:
-            status = _field(b"\x12", status_message.encode("utf-8", "replace")) + status
+    if span.status_code != STATUS_UNSET:
+        status = b"\x18" + _varint(span.status_code)
+        if span.status_message:
+            status = _field(b"\x12", span.status_message.encode("utf-8", "replace")) + status
         parts.append(_field(b"\x7a", status))
     parts.append(_FLAGS_REMOTE_PARENT if parent_is_remote else _FLAGS_LOCAL_PARENT)
     return _field(b"\x12", b"".join(parts))

@@ -32,7 +32,15 @@ import traceback
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from langfuse._client.propagation import _get_propagated_attributes_from_context
+from langfuse._client.propagation import (
+    LANGFUSE_BAGGAGE_PREFIX as _BAGGAGE_PREFIX,
+)
+from langfuse._client.propagation import (
+    LANGFUSE_TRACE_ID_BAGGAGE_KEY as _APP_ROOT_CLAIM,
+)
+from langfuse._client.propagation import (
+    _get_propagated_attributes_from_context,
+)
 from langfuse._client.span_filter import is_default_export_span
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
@@ -46,8 +54,8 @@ log = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _IS_APP_ROOT = "langfuse.internal.is_app_root"
-_APP_ROOT_CLAIM = "langfuse_trace_id"  # the SDK's baggage key; see headers.with_app_root_claim
 _MEDIA_MARK = ";base64,"
+_PROPAGATED_PREFIX = "langfuse.propagated."
 _STATUS_CODES = {StatusCode.OK: otlp.STATUS_OK, StatusCode.ERROR: otlp.STATUS_ERROR}
 
 
@@ -198,32 +206,27 @@ class Recorder:
         return LeanSpan(self, name, span_context, parent, attributes, start_time or time.time_ns())
 
     def finish(self, span: LeanSpan, end_time: int) -> None:
-        try:
-            if _may_carry_media(span.attributes):
-                self._hand_to_sdk(span, end_time)
-                return
-            parent = span._parent
-            status_code, status_message = span._status
-            context = span._context
-            encoded = otlp.encode_span(
-                trace_id=context.trace_id,
-                span_id=context.span_id,
-                parent_id=parent.span_id if parent is not None else None,
-                parent_is_remote=parent is not None and parent.is_remote,
-                name=span.name,
-                start_ns=span.start_time,
-                end_ns=end_time,
-                span_attributes=span.attributes,
-                events=span._events or (),
-                status_code=status_code,
-                status_message=status_message,
-            )
-        except Exception:
-            log.warning(
-                "celery-langfuse: could not encode observation %r", span.name, exc_info=True
-            )
+        if _may_carry_media(span.attributes):
+            self._hand_to_sdk(span, end_time)
             return
-        self.export.submit(encoded)
+        parent = span._parent
+        context = span._context
+        status_code, status_message = span._status
+        self.export.submit(
+            otlp.FinishedSpan(
+                context.trace_id,
+                context.span_id,
+                parent.span_id if parent is not None else None,
+                parent is not None and parent.is_remote,
+                span.name,
+                span.start_time,
+                end_time,
+                span.attributes,
+                span._events or (),
+                status_code,
+                status_message,
+            )
+        )
 
     def _hand_to_sdk(self, span: LeanSpan, end_time: int) -> None:
         from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -278,12 +281,22 @@ def _propagated_attributes(context: otel_context.Context) -> dict[str, Any]:
     """The span attributes the SDK's processor copies from ``propagate_attributes``.
 
     The SDK's function for it is private; this is the one place that calls it
-    (tests/test_sdk_contract.py fails if it changes).
+    (tests/test_lean_spans.py fails if it changes). It walks every key the SDK might
+    have set, so it is skipped when the context holds none: ``propagate_attributes``
+    keeps its values under ``langfuse.propagated.*`` keys, or in ``langfuse_*`` baggage
+    entries with ``as_baggage=True`` (the app-root claim aside).
     """
+    if not any(isinstance(key, str) and key.startswith(_PROPAGATED_PREFIX) for key in context):
+        entries = baggage.get_all(context)
+        if not entries or all(
+            key == _APP_ROOT_CLAIM or not key.startswith(_BAGGAGE_PREFIX) for key in entries
+        ):
+            return {}
     return _get_propagated_attributes_from_context(context)
 
 
 # -- when the lean path is used ------------------------------------------------------
+
 
 def recorder_for(client: Any) -> Optional[Recorder]:
     """A :class:`Recorder` for ``client``, or None where its observations must be SDK
