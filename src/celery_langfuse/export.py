@@ -76,6 +76,7 @@ class SpanExport(SpanProcessor):
         self._thread: Optional[threading.Thread] = None
         self._sending = False
         self._stopped = False
+        self._dropped = 0
         self._session: Any = None
 
     # -- the task thread's side -------------------------------------------------------
@@ -87,21 +88,13 @@ class SpanExport(SpanProcessor):
                 return
             queue = self._queue
             if len(queue) >= MAX_QUEUED_SPANS:
-                full = True
-            else:
-                full = False
-                queue.append(span)
-                if len(queue) >= self._flush_at:
-                    self._condition.notify()
+                self._dropped += 1  # reported by the export thread, not here
+                return
+            queue.append(span)
+            if len(queue) >= self._flush_at:
+                self._condition.notify()
             if self._thread is None:
                 self._start_thread()
-        if full:
-            warn_rate_limited(
-                log,
-                "export-queue-full",
-                "celery-langfuse: %d observations are waiting for Langfuse; dropping new ones",
-                MAX_QUEUED_SPANS,
-            )
 
     def _start_thread(self) -> None:
         self._thread = threading.Thread(
@@ -147,6 +140,15 @@ class SpanExport(SpanProcessor):
                     waiters, self._flush_waiters = self._flush_waiters, []
                 stopped = self._stopped
                 self._sending = bool(batch)
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                warn_rate_limited(
+                    log,
+                    "export-queue-full",
+                    "celery-langfuse: %d observations were waiting for Langfuse; dropped %d more",
+                    MAX_QUEUED_SPANS,
+                    dropped,
+                )
             if batch:
                 try:
                     self._send(batch)
