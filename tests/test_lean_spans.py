@@ -151,3 +151,71 @@ def test_the_sdk_span_path_still_makes_parentless_roots(
         "cannot drop the parent the Langfuse SDK invents for trace_context="
     )
     assert received.duration >= 1.9
+
+
+def test_names_copied_from_the_sdk_still_match_it() -> None:
+    """spans.py keeps a few SDK names so that a worker need not import the SDK."""
+    from langfuse._client import constants, propagation
+    from langfuse._utils.environment import common_release_envs
+
+    from celery_langfuse import spans
+
+    assert spans._BAGGAGE_PREFIX == propagation.LANGFUSE_BAGGAGE_PREFIX
+    assert spans._APP_ROOT_CLAIM == propagation.LANGFUSE_TRACE_ID_BAGGAGE_KEY
+    assert tuple(common_release_envs) == spans._COMMON_RELEASE_VARIABLES
+    assert spans._LANGFUSE_TRACER_NAME == constants.LANGFUSE_TRACER_NAME
+
+
+_STANDALONE_THEN_SDK = """
+import sys
+from celery import Celery
+from celery_langfuse import client, install
+
+install(Celery("standalone", broker="memory://"))
+lean = client.start_observation("lean", metadata={"k": "v"})
+lean.end()
+print(type(lean.span).__name__, "langfuse" in sys.modules)
+assert client.flush(10)
+import langfuse
+
+sdk = langfuse.get_client()
+sdk.start_observation(name="sdk").end()
+sdk.flush()
+"""
+
+
+def test_without_a_client_lean_spans_go_where_and_as_the_sdk_would_send_them(
+    capture: CaptureServer,
+) -> None:
+    """A process with no Langfuse client sends lean spans configured from LANGFUSE_*
+    (no SDK import); Langfuse sees them as it sees the SDK's own spans."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        **capture.env,
+        "LANGFUSE_TRACING_ENVIRONMENT": "staging",
+        "LANGFUSE_RELEASE": "r-7",
+        "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _STANDALONE_THEN_SDK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["LeanSpan", "False"]
+    capture.wait_for(lambda s: {"lean", "sdk"} <= {o.name for o in s.observations})
+    lean, sdk = (next(o for o in capture.observations if o.name == n) for n in ("lean", "sdk"))
+    assert lean.scope == sdk.scope == "langfuse-sdk"
+    assert lean.resource == sdk.resource
+    assert (lean.environment, sdk.environment) == ("staging", "staging")
+    assert lean.attributes["langfuse.release"] == sdk.attributes["langfuse.release"] == "r-7"
+    assert lean.metadata == {"k": "v"}

@@ -178,3 +178,24 @@ def test_failing_or_slow_langfuse_never_fails_a_task_and_shutdown_meets_the_dead
     assert elapsed < 4, elapsed
     assert shutdown_seconds < 2 * 2 + 4, worker.log()
     assert "Traceback" not in worker.log(), worker.log()
+
+
+def test_a_worker_whose_tasks_never_use_the_sdk_does_not_load_it(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """Lean spans are sent without the SDK until something needs it (user or session
+    ids to re-apply, media, cron scores, a client the tasks make): the worker's memory
+    is then plain Celery's plus this library's."""
+    with worker_process(capture.env, "-P", "prefork", "-c", "1", tmp_path=tmp_path) as worker:
+        with get_client().start_as_current_observation(name="request") as root:
+            result = tasks_app.sdk_loaded.apply_async(queue=worker.queue)
+        assert result.get(timeout=20) is False
+        capture.wait_for(
+            lambda s: any(o.name == "tests.support.tasks.sdk_loaded" for o in s.observations),
+            timeout=20,
+        )
+    trace = capture.trace(root.trace_id)
+    run = trace.find("tests.support.tasks.sdk_loaded")
+    assert trace.find("publish tests.support.tasks.sdk_loaded").id == run.parent_id
+    assert run.metadata.get("task_id") == result.id
+    assert trace.orphans() == []

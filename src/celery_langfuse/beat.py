@@ -27,7 +27,6 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-import langfuse
 from celery import Celery
 from celery.schedules import crontab, solar
 from celery.schedules import schedule as interval
@@ -148,6 +147,8 @@ class BeatTracing:
         # An empty context: the run's root is never a child of whatever is current.
         token = otel_context.attach(otel_context.Context())
         scope.callback(otel_context.detach, token)
+        import langfuse  # the beat process records its runs through the SDK
+
         scope.enter_context(
             langfuse.propagate_attributes(trace_name=entry.name, tags=[BEAT_TAG])
         )

@@ -27,21 +27,28 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import langfuse
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Status, StatusCode
 
+from .export import SpanExport
 from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
 from .sampling import new_span_id
-from .spans import Recorder, recorder_for
+from .spans import Recorder, environment_and_release, recorder_for, standalone_recorder
+
+if TYPE_CHECKING:
+    import langfuse
 
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _client: Optional[langfuse.Langfuse] = None
+#: Every exporter of lean spans made in this process (see :func:`_recorder`), flushed
+#: with the client.
+_exports: list[SpanExport] = []
+_exit_hook_registered = False
 #: Deadline for the flush at interpreter exit; ``install`` sets it from its settings.
 exit_flush_timeout = 3.0
 
@@ -81,17 +88,34 @@ def get_langfuse() -> langfuse.Langfuse:
                 _client = _create_client()
                 # Registered after the SDK's own (unbounded) exit hook, so it runs
                 # first; shutting the client down unregisters the SDK's hook.
-                atexit.register(_shutdown_at_exit)
+                _register_exit_hook()
             client = _client
     return client
 
 
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_shutdown_at_exit)
+
+
+def existing_client() -> Optional[langfuse.Langfuse]:
+    """The process's Langfuse client if there is one (this library's or the user's),
+    without creating one or importing the SDK."""
+    client = _client
+    if client is None and "langfuse" in sys.modules and sdk_client_exists():
+        client = get_langfuse()
+    return client
+
+
 def warm_up() -> None:
-    """Create the client and decide its observation path now; never raises."""
+    """Decide how observations are sent, and make what that needs, now; never raises."""
     if not langfuse_keys_configured():
         return  # nothing would be sent; the first observation warns as before
     try:
-        _recorder(get_langfuse())
+        if _recorder() is None:
+            get_langfuse()
     except Exception:
         log.warning("celery-langfuse: could not create the Langfuse client", exc_info=True)
 
@@ -105,6 +129,8 @@ def _create_client() -> langfuse.Langfuse:
     own keys or settings) is never replaced.
     """
     global created_with_settings
+    import langfuse
+
     if sdk_client_exists():
         if client_settings.durable is not None:
             log.warning(
@@ -146,9 +172,10 @@ def sdk_client_exists() -> bool:
 def langfuse_keys_configured() -> bool:
     """Whether a client could authenticate: both keys in the environment, or a client
     already made (with keys given in code)."""
-    return bool(
-        os.environ.get("LANGFUSE_PUBLIC_KEY") and os.environ.get("LANGFUSE_SECRET_KEY")
-    ) or sdk_client_exists()
+    return (
+        bool(os.environ.get("LANGFUSE_PUBLIC_KEY") and os.environ.get("LANGFUSE_SECRET_KEY"))
+        or sdk_client_exists()
+    )
 
 
 class attached:  # lower case: used like the function-style context managers beside it
@@ -181,20 +208,20 @@ def _shutdown_at_exit() -> None:
 
 
 def flush(timeout: float, *, shutdown: bool = False) -> bool:
-    """Flush (or shut down) the client, giving up after ``timeout`` seconds.
+    """Flush (or shut down) the client and this library's exporters, giving up after
+    ``timeout`` seconds.
 
-    Returns True when the SDK finished in time. Never raises. Without a client there
-    is nothing buffered, so this does not create one.
+    Returns True when everything was sent in time. Never raises. Without a client or
+    an exporter there is nothing buffered, so this does not create one.
     """
-    client = _client
-    if client is None:
+    client, exports = _client, list(_exports)
+    if client is None and not exports:
         return True
-    action = client.shutdown if shutdown else client.flush
     done = threading.Event()
 
     def run() -> None:
         try:
-            _call_logged(action)
+            _send_buffered(client, exports, timeout, shutdown)
         finally:
             done.set()
 
@@ -226,13 +253,29 @@ def flush_in_background() -> None:
     """
     global _background_flush
     with _lock:
-        client, running = _client, _background_flush
-        if client is None or (running is not None and running.is_alive()):
+        client, exports, running = _client, list(_exports), _background_flush
+        if (client is None and not exports) or (running is not None and running.is_alive()):
             return
         _background_flush = threading.Thread(
-            target=_call_logged, args=(client.flush,), name="celery-langfuse-flush", daemon=True
+            target=_send_buffered,
+            args=(client, exports, 30.0, False),
+            name="celery-langfuse-flush",
+            daemon=True,
         )
         _background_flush.start()
+
+
+def _send_buffered(client: Any, exports: list[SpanExport], timeout: float, shutdown: bool) -> None:
+    if client is not None:
+        _call_logged(client.shutdown if shutdown else client.flush)
+    for export in exports:  # those on the client's provider were flushed with it
+        try:
+            if shutdown:
+                export.shutdown()
+            else:
+                export.force_flush(int(timeout * 1000))
+        except Exception:
+            log.warning("celery-langfuse: flushing observations failed", exc_info=True)
 
 
 def _call_logged(action: Callable[[], None]) -> None:
@@ -320,6 +363,8 @@ def propagated(attributes: TraceAttributes) -> Iterator[None]:
     if not attributes:
         yield
         return
+    import langfuse
+
     with langfuse.propagate_attributes(
         user_id=attributes.user_id,
         session_id=attributes.session_id,
@@ -426,7 +471,6 @@ class Observation:
         self.span.end()
 
 
-
 def start_observation(
     name: str,
     *,
@@ -445,7 +489,9 @@ def start_observation(
     for the signal handlers: see the comment above. Not made current; use
     :func:`context_with` for that. ``start_time_ns`` backdates it.
     """
-    client = get_langfuse()
+    recorder = _recorder()
+    # Without a recorder, observations are the SDK's spans: its client is needed.
+    client = _client if recorder is not None else get_langfuse()
     mask = getattr(client, "_mask", None)
     # Everything known at the start goes in with the span: one pass over the attributes.
     attributes: dict[str, Any] = dict(_static_attributes(client))
@@ -462,8 +508,6 @@ def start_observation(
     if root_of is not None:
         # Marked as a root the way the SDK marks spans started with `trace_context=`.
         attributes[_AS_ROOT] = True
-    span: Optional[otel_trace.Span] = None
-    recorder = _recorder(client)
     if recorder is not None:
         span = recorder.start_span(
             name,
@@ -472,7 +516,8 @@ def start_observation(
             start_time_ns,
             int(root_of, 16) if root_of is not None else None,
         )
-    if span is None:
+    else:
+        client = get_langfuse()
         if root_of is not None:
             # OTel starts a span in a given trace only under a parent of that trace: a
             # made-up remote one, dropped by _make_root once the span has started.
@@ -503,16 +548,37 @@ def context_with(
 _recorders: Optional[tuple[Any, Optional[Recorder]]] = None
 
 
-def _recorder(client: Any) -> Optional[Recorder]:
-    """The lean recorder of ``client`` (:mod:`celery_langfuse.spans`), decided once per
-    client; None where its observations must be the SDK's own spans."""
+def _recorder() -> Optional[Recorder]:
+    """How this library's observations are recorded (:mod:`celery_langfuse.spans`):
+    decided once per client, and once before any client exists; None where they must
+    be the SDK's own spans.
+
+    Before the process has a Langfuse client, a standalone recorder sends them with
+    the ``LANGFUSE_*`` settings the SDK would read, without importing the SDK: a
+    worker whose tasks never use it does not pay for it. Once a client exists (the
+    user's, or one made for media, scores or the SDK span path), its recorder is used.
+    """
     global _recorders
+    client = existing_client()
     cached = _recorders
     if cached is None or cached[0] is not client:
         with _lock:
             cached = _recorders
             if cached is None or cached[0] is not client:
-                cached = _recorders = (client, recorder_for(client))
+                if client is not None:
+                    recorder = recorder_for(client)
+                else:
+                    recorder = standalone_recorder(
+                        flush_at=client_settings.flush_at,
+                        flush_interval=client_settings.flush_interval,
+                        durable=client_settings.durable is not None,
+                        sdk_client=get_langfuse,
+                    )
+                if recorder is not None:
+                    _exports.append(recorder.export)
+                cached = _recorders = (client, recorder)
+        if cached[1] is not None and client is None:
+            _register_exit_hook()
     return cached[1]
 
 
@@ -521,13 +587,16 @@ _static: Optional[tuple[Any, dict[str, str]]] = None
 
 def _static_attributes(client: Any) -> dict[str, str]:
     """The attributes every observation of this client starts with (type, environment,
-    release), computed once per client."""
+    release), computed once per client (None: from the environment, as the SDK would)."""
     global _static
     cached = _static
     if cached is None or cached[0] is not client:
         attributes = {_TYPE: "span"}
-        environment = getattr(client, "_environment", None)
-        release = getattr(client, "_release", None)
+        if client is not None:
+            environment = getattr(client, "_environment", None)
+            release = getattr(client, "_release", None)
+        else:
+            environment, release = environment_and_release()
         if environment:
             attributes[_ENVIRONMENT] = environment
         if release:

@@ -12,8 +12,9 @@ the fixtures available:
   same reason the fixture must run before anything creates a Langfuse client; it
   fails with an explanation when a client already exports elsewhere.
 - ``langfuse_capture_clean`` (function): the same server, emptied for the test. It
-  flushes spans still buffered from earlier tests first, and restores normal
-  responses (undoing ``set_response``) before and after the test.
+  flushes spans still buffered from earlier tests first (the SDK's and
+  celery-langfuse's own), and restores normal responses (undoing ``set_response``)
+  before and after the test.
 
 This module is imported by every pytest run in an environment where the package is
 installed, so it imports nothing heavy until a fixture is used.
@@ -59,6 +60,9 @@ def langfuse_capture_clean(langfuse_capture: CaptureServer) -> Iterator[CaptureS
     langfuse_capture.set_response()
     for client in _langfuse_clients():
         client.flush()
+    tracing_client = sys.modules.get("celery_langfuse.client")
+    if tracing_client is not None:  # observations sent without the SDK (lean spans)
+        tracing_client.flush(10)
     langfuse_capture.clear()
     yield langfuse_capture
     langfuse_capture.set_response()

@@ -27,21 +27,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
-from langfuse._client.propagation import (
-    LANGFUSE_BAGGAGE_PREFIX as _BAGGAGE_PREFIX,
-)
-from langfuse._client.propagation import (
-    LANGFUSE_TRACE_ID_BAGGAGE_KEY as _APP_ROOT_CLAIM,
-)
-from langfuse._client.propagation import (
-    _get_propagated_attributes_from_context,
-)
-from langfuse._client.span_filter import is_default_export_span
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
@@ -56,6 +47,10 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _IS_APP_ROOT = "langfuse.internal.is_app_root"
 _MEDIA_MARK = ";base64,"
 _PROPAGATED_PREFIX = "langfuse.propagated."
+# The SDK's names (langfuse/_client/propagation.py), here so that a worker need not
+# import the SDK; tests/test_lean_spans.py checks them against it.
+_BAGGAGE_PREFIX = "langfuse_"
+_APP_ROOT_CLAIM = "langfuse_trace_id"
 _STATUS_CODES = {StatusCode.OK: otlp.STATUS_OK, StatusCode.ERROR: otlp.STATUS_ERROR}
 
 
@@ -165,13 +160,10 @@ class LeanSpan(otel_trace.Span):
 class Recorder:
     """Starts :class:`LeanSpan` observations for one Langfuse client and sends them."""
 
-    def __init__(self, export: SpanExport, sdk_processor: Any, resource: Any, scope: Any) -> None:
+    def __init__(self, export: SpanExport, sdk_client: Callable[[], Any]) -> None:
         self.export = export
-        # For the rare span carrying media: the SDK's processor, and what it needs to
-        # see the span as one of its own.
-        self._sdk_processor = sdk_processor
-        self._resource = resource
-        self._scope = scope
+        # For the rare span carrying media, which the SDK's processor must see.
+        self._sdk_client = sdk_client
 
     def start_span(
         self,
@@ -180,8 +172,9 @@ class Recorder:
         attributes: dict[str, Any],
         start_time: Optional[int],
         root_of: Optional[int],
-    ) -> Optional[LeanSpan]:
-        """A recording span, or None where the SDK must decide (a parent sampled out)."""
+    ) -> otel_trace.Span:
+        """A recording span, or, under a parent sampled out, the non-recording span the
+        SDK's default (parent-based) sampler would make."""
         if context is None:
             context = otel_context.get_current()
         parent_span = otel_trace.get_current_span(context)
@@ -192,7 +185,15 @@ class Recorder:
             parent = parent_span.get_span_context()
             if parent.is_valid:
                 if not parent.trace_flags.sampled:
-                    return None
+                    return otel_trace.NonRecordingSpan(
+                        SpanContext(
+                            parent.trace_id,
+                            random.getrandbits(64) or 1,
+                            False,
+                            parent.trace_flags,
+                            parent.trace_state,
+                        )
+                    )
                 trace_id = parent.trace_id
             else:
                 parent = None
@@ -229,7 +230,16 @@ class Recorder:
         )
 
     def _hand_to_sdk(self, span: LeanSpan, end_time: int) -> None:
+        from langfuse._client.constants import LANGFUSE_TRACER_NAME
+        from langfuse._version import __version__ as langfuse_version
         from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        resources = self._sdk_client()._resources
+        processor = _langfuse_processor(resources.tracer_provider)
+        if processor is None:
+            log.debug("celery-langfuse: no Langfuse span processor for a span with media")
+            return
 
         code, message = span._status
         status_code = {otlp.STATUS_OK: StatusCode.OK, otlp.STATUS_ERROR: StatusCode.ERROR}.get(
@@ -239,16 +249,18 @@ class Recorder:
             name=span.name,
             context=span._context,
             parent=span._parent,
-            resource=self._resource,
+            resource=resources.tracer_provider.resource,
             attributes=span.attributes,
             events=[Event(name, attrs, ts) for name, ts, attrs in span._events or ()],
             kind=otel_trace.SpanKind.INTERNAL,
-            instrumentation_scope=self._scope,
+            instrumentation_scope=InstrumentationScope(
+                LANGFUSE_TRACER_NAME, langfuse_version, None, {"public_key": resources.public_key}
+            ),
             status=Status(status_code, message),
             start_time=span.start_time,
             end_time=end_time,
         )
-        self._sdk_processor.on_end(readable)
+        processor.on_end(readable)
 
 
 def _may_carry_media(attributes: Mapping[str, Any]) -> bool:
@@ -271,6 +283,10 @@ def _is_app_root(
 def _exported_by_langfuse(span: Any) -> bool:
     if isinstance(span, LeanSpan):
         return True
+    if "langfuse" not in sys.modules:
+        return False  # no Langfuse span processor exists to export it
+    from langfuse._client.span_filter import is_default_export_span
+
     try:
         return span.is_recording() and bool(is_default_export_span(span))
     except Exception:
@@ -292,6 +308,8 @@ def _propagated_attributes(context: otel_context.Context) -> dict[str, Any]:
             key == _APP_ROOT_CLAIM or not key.startswith(_BAGGAGE_PREFIX) for key in entries
         ):
             return {}
+    from langfuse._client.propagation import _get_propagated_attributes_from_context
+
     return _get_propagated_attributes_from_context(context)
 
 
@@ -301,7 +319,7 @@ def _propagated_attributes(context: otel_context.Context) -> dict[str, Any]:
 def recorder_for(client: Any) -> Optional[Recorder]:
     """A :class:`Recorder` for ``client``, or None where its observations must be SDK
     spans (see the module doc). Reads the client's private resource manager; kept in
-    this function and covered by tests/test_sdk_contract.py."""
+    this function and covered by tests/test_lean_spans.py."""
     try:
         return _recorder_for(client)
     except Exception:
@@ -310,13 +328,8 @@ def recorder_for(client: Any) -> Optional[Recorder]:
 
 
 def _recorder_for(client: Any) -> Optional[Recorder]:
-    from langfuse._client.constants import LANGFUSE_TRACER_NAME
-    from langfuse._client.span_processor import LangfuseSpanProcessor, _resolve_compression
-    from langfuse._version import __version__ as langfuse_version
-    from opentelemetry.exporter.otlp.proto.http import Compression
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     resources = getattr(client, "_resources", None)
     if resources is None or not getattr(client, "_tracing_enabled", False):
@@ -335,48 +348,186 @@ def _recorder_for(client: Any) -> Optional[Recorder]:
     default_sampler = ParentBased(ALWAYS_ON).get_description()  # type: ignore[no-untyped-call]
     if provider.sampler.get_description() != default_sampler:  # type: ignore[no-untyped-call]
         return None
-    processors = provider._active_span_processor._span_processors
-    if len(processors) != 1 or not isinstance(processors[0], LangfuseSpanProcessor):
+    if _langfuse_processor(provider, only=True) is None:
         return None
-
-    public_key = resources.public_key
-    timeout = float(resources.timeout or 5)
-    flush_at = resources.flush_at or int(os.environ.get("LANGFUSE_FLUSH_AT") or 512)
-    flush_interval = resources.flush_interval
-    if flush_interval is None:
-        flush_interval = float(os.environ.get("LANGFUSE_FLUSH_INTERVAL") or 5.0)
-    path = os.environ.get("LANGFUSE_OTEL_TRACES_EXPORT_PATH")
-    endpoint = (
-        f"{resources.base_url}/{path}"
-        if path
-        else f"{resources.base_url}/api/public/otel/v1/traces"
+    export = _span_export(
+        public_key=resources.public_key,
+        secret_key=resources.secret_key,
+        base_url=resources.base_url,
+        timeout=resources.timeout,
+        flush_at=resources.flush_at,
+        flush_interval=resources.flush_interval,
+        compression=resources.otel_compression,
+        additional_headers=resources.additional_headers,
+        resource_attributes=dict(provider.resource.attributes),
     )
+    provider.add_span_processor(export)  # so langfuse.flush() and shutdown reach it
+    return Recorder(export, lambda: client)
+
+
+def _langfuse_processor(provider: Any, *, only: bool = False) -> Any:
+    """The Langfuse span processor on ``provider`` (with ``only``: if it is the only
+    processor there). Reads the OTel SDK's private processor list."""
+    from langfuse._client.span_processor import LangfuseSpanProcessor
+
+    processors = provider._active_span_processor._span_processors
+    found = [p for p in processors if isinstance(p, LangfuseSpanProcessor)]
+    if not found or (only and len(processors) != 1):
+        return None
+    return found[0]
+
+
+def standalone_recorder(
+    *,
+    flush_at: Optional[int],
+    flush_interval: Optional[float],
+    durable: bool,
+    sdk_client: Callable[[], Any],
+) -> Optional[Recorder]:
+    """A :class:`Recorder` for a process without a Langfuse client, configured from the
+    ``LANGFUSE_*`` variables as ``Langfuse()`` would read them, without importing the
+    SDK; None where that would differ from what the SDK sends: durable mode, the SDK's
+    own sampling (``LANGFUSE_SAMPLE_RATE``), tracing switched off, missing keys, or an
+    OpenTelemetry tracer provider set up in this process (its other processors would
+    see the SDK's spans, so they stay SDK spans). ``sdk_client`` makes the client when
+    a span carries media."""
+    env = os.environ
+    public_key, secret_key = env.get("LANGFUSE_PUBLIC_KEY"), env.get("LANGFUSE_SECRET_KEY")
+    try:
+        sample_rate = float(env.get("LANGFUSE_SAMPLE_RATE", 1.0))
+    except ValueError:
+        return None
+    if (
+        durable
+        or not (public_key and secret_key)
+        or sample_rate < 1
+        or env.get("LANGFUSE_TRACING_ENABLED", "true").lower() == "false"
+        or not isinstance(otel_trace.get_tracer_provider(), otel_trace.ProxyTracerProvider)
+    ):
+        return None
+    environment, release = environment_and_release()
+    try:
+        export = _span_export(
+            public_key=public_key,
+            secret_key=secret_key,
+            base_url=env.get("LANGFUSE_BASE_URL")
+            or env.get("LANGFUSE_HOST", "https://cloud.langfuse.com"),
+            timeout=int(env.get("LANGFUSE_TIMEOUT", 5)),
+            flush_at=flush_at,
+            flush_interval=flush_interval,
+            compression=None,
+            additional_headers=None,
+            resource_attributes=_sdk_resource_attributes(environment, release),
+        )
+    except ValueError:
+        return None
+    return Recorder(export, sdk_client)
+
+
+def _span_export(
+    *,
+    public_key: str,
+    secret_key: str,
+    base_url: str,
+    timeout: Optional[float],
+    flush_at: Optional[int],
+    flush_interval: Optional[float],
+    compression: Optional[str],
+    additional_headers: Optional[dict[str, str]],
+    resource_attributes: dict[str, Any],
+) -> SpanExport:
+    """The exporter the SDK's span processor would be: same endpoint, headers, batch
+    triggers and compression, from the same settings."""
     import base64
 
-    auth = base64.b64encode(f"{public_key}:{resources.secret_key}".encode()).decode("ascii")
+    env = os.environ
+    if flush_at is None:
+        flush_at = int(env.get("LANGFUSE_FLUSH_AT") or 512)
+    if flush_interval is None:
+        flush_interval = float(env.get("LANGFUSE_FLUSH_INTERVAL") or 5.0)
+    path = env.get("LANGFUSE_OTEL_TRACES_EXPORT_PATH")
+    endpoint = f"{base_url}/{path}" if path else f"{base_url}/api/public/otel/v1/traces"
+    sdk_version = _distribution_version("langfuse")
+    auth = base64.b64encode(f"{public_key}:{secret_key}".encode()).decode("ascii")
     headers = {
         "Authorization": f"Basic {auth}",
         "x-langfuse-sdk-name": "python",
-        "x-langfuse-sdk-version": langfuse_version,
+        "x-langfuse-sdk-version": sdk_version,
         "x-langfuse-public-key": public_key,
         "x-langfuse-ingestion-version": "4",
-        **(resources.additional_headers or {}),
+        **(additional_headers or {}),
     }
-    scope_attributes = {"public_key": public_key}
-    export = SpanExport(
+    return SpanExport(
         endpoint=endpoint,
         headers=headers,
-        timeout=timeout,
+        timeout=float(timeout or 5),
         flush_at=flush_at,
         flush_interval=flush_interval,
-        gzip_body=_resolve_compression(resources.otel_compression) == Compression.Gzip,
+        gzip_body=_gzip(compression),
         scope=otlp.encode_scope(
-            resource_attributes=dict(provider.resource.attributes),
-            scope_name=LANGFUSE_TRACER_NAME,
-            scope_version=langfuse_version,
-            scope_attributes=scope_attributes,
+            resource_attributes=resource_attributes,
+            scope_name=_LANGFUSE_TRACER_NAME,
+            scope_version=sdk_version,
+            scope_attributes={"public_key": public_key},
         ),
     )
-    provider.add_span_processor(export)  # so langfuse.flush() and shutdown reach it
-    scope = InstrumentationScope(LANGFUSE_TRACER_NAME, langfuse_version, None, scope_attributes)
-    return Recorder(export, processors[0], provider.resource, scope)
+
+
+def _sdk_resource_attributes(environment: Optional[str], release: Optional[str]) -> dict[str, Any]:
+    """The resource the SDK's tracer provider would carry (langfuse's
+    ``_init_tracer_provider``): OTel's defaults and detectors, environment, release."""
+    from opentelemetry.sdk.resources import Resource
+
+    own = {"langfuse.environment": environment, "langfuse.release": release}
+    resource = Resource.create({key: value for key, value in own.items() if value is not None})
+    return dict(resource.attributes)
+
+
+def _gzip(compression: Optional[str]) -> bool:
+    """The SDK's rule: the argument, then ``LANGFUSE_OTEL_COMPRESSION``, then the OTel
+    variables, then gzip; "none" turns it off, anything else invalid is skipped."""
+    env = os.environ
+    for value in (
+        compression,
+        env.get("LANGFUSE_OTEL_COMPRESSION"),
+        env.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+        env.get("OTEL_EXPORTER_OTLP_COMPRESSION"),
+    ):
+        value = (value or "").strip().lower()
+        if value in ("gzip", "none"):
+            return value == "gzip"
+    return True
+
+
+def environment_and_release() -> tuple[Optional[str], Optional[str]]:
+    """The tracing environment and release ``Langfuse()`` reads from the environment."""
+    env = os.environ
+    release = env.get("LANGFUSE_RELEASE") or next(
+        (env[name] for name in _COMMON_RELEASE_VARIABLES if name in env), None
+    )
+    return env.get("LANGFUSE_TRACING_ENVIRONMENT"), release
+
+
+# The SDK's (langfuse/_utils/environment.py); tests/test_lean_spans.py compares them.
+_COMMON_RELEASE_VARIABLES = (
+    "RENDER_GIT_COMMIT",
+    "CI_COMMIT_SHA",
+    "CIRCLE_SHA1",
+    "SOURCE_VERSION",
+    "TRAVIS_COMMIT",
+    "GIT_COMMIT",
+    "GITHUB_SHA",
+    "BITBUCKET_COMMIT",
+    "BUILD_SOURCEVERSION",
+    "DRONE_COMMIT_SHA",
+)
+_LANGFUSE_TRACER_NAME = "langfuse-sdk"  # the SDK's tracer scope, which its ingestion expects
+
+
+def _distribution_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"

@@ -34,17 +34,19 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from langfuse.types import SpanLevel
 from opentelemetry import trace as otel_trace
 
 from . import client, headers, sampling
 from .config import TracingConfig
 from .logs import warn_rate_limited
 from .payload import describe_exception
+
+if TYPE_CHECKING:
+    from langfuse.types import SpanLevel
 
 log = logging.getLogger(__name__)
 

@@ -139,3 +139,11 @@ def report_pid_and_sleep(key: str, seconds: float) -> int:
     Redis.from_url(BROKER).set(key, os.getpid(), ex=60)
     time.sleep(seconds)
     return os.getpid()
+
+
+@app.task
+def sdk_loaded() -> bool:
+    """Whether this worker process has imported the Langfuse SDK."""
+    import sys
+
+    return "langfuse" in sys.modules
