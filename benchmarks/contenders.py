@@ -75,15 +75,19 @@ def _sink() -> str:
 
 def _celery_langfuse(app: Any) -> None:
     global _flush, _active_trace
-    import langfuse
-
     from celery_langfuse import client, install
 
     install(app)
     _flush = lambda timeout: client.flush(timeout)  # noqa: E731
-    _active_trace = lambda: langfuse.get_client().start_as_current_observation(  # noqa: E731
-        name="request"
-    )
+    _active_trace = _langfuse_request
+
+
+def _langfuse_request() -> Any:
+    # Imported here, not in setup: a worker never opens a request, and celery-langfuse
+    # does not load the SDK in a worker whose tasks do not use it.
+    import langfuse
+
+    return langfuse.get_client().start_as_current_observation(name="request")
 
 
 def _otel() -> None:
