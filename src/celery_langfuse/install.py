@@ -109,8 +109,8 @@ def _flush_before_exit(**_: Any) -> None:
 
 
 def _warm_up(**_: Any) -> None:
-    """Make the client when a pool process starts (prefork children, the solo pool),
-    before it takes tasks, rather than during its first task."""
+    """Prepare how observations are sent (and the client, where one is needed) when a
+    pool process starts (prefork children, the solo pool), before it takes tasks."""
     client.warm_up()
 
 
