@@ -5,8 +5,9 @@ objects (attributes, limits, events, links, locks, contexts) that wait in the ba
 queue until export, where they are copied for the media scan and rebuilt as protobuf
 objects: on a no-op task that was most of what tracing cost, garbage collection
 included (docs/benchmarks.md). A :class:`LeanSpan` is one object and a dict while it
-runs; when it ends it is encoded to OTLP bytes (:mod:`celery_langfuse.otlp`) and
-queued for :class:`~celery_langfuse.export.SpanExport`.
+runs; when it ends it is queued as a flat tuple for
+:class:`~celery_langfuse.export.SpanExport`, whose thread encodes it to OTLP bytes
+(:mod:`celery_langfuse.otlp`) and sends it.
 
 It is still an OpenTelemetry span: made current, it is the parent of whatever the task
 starts (the SDK's observations, other instrumentations' spans), and the SDK's
@@ -20,6 +21,8 @@ processor when it ends instead, so the SDK uploads the media as it would.
 when the client exports the SDK's default way, with nothing that would see the spans
 differently (a custom exporter, span filter, export mask, sampler, id generator, or
 another span processor on its tracer provider). Otherwise observations are SDK spans.
+Before the process has a client, :func:`standalone_recorder` configures the same
+path from the ``LANGFUSE_*`` variables, without importing the SDK.
 """
 
 from __future__ import annotations
@@ -230,7 +233,6 @@ class Recorder:
         )
 
     def _hand_to_sdk(self, span: LeanSpan, end_time: int) -> None:
-        from langfuse._client.constants import LANGFUSE_TRACER_NAME
         from langfuse._version import __version__ as langfuse_version
         from opentelemetry.sdk.trace import Event, ReadableSpan
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -254,7 +256,7 @@ class Recorder:
             events=[Event(name, attrs, ts) for name, ts, attrs in span._events or ()],
             kind=otel_trace.SpanKind.INTERNAL,
             instrumentation_scope=InstrumentationScope(
-                LANGFUSE_TRACER_NAME, langfuse_version, None, {"public_key": resources.public_key}
+                _LANGFUSE_TRACER_NAME, langfuse_version, None, {"public_key": resources.public_key}
             ),
             status=Status(status_code, message),
             start_time=span.start_time,
