@@ -157,3 +157,71 @@ def test_the_sampled_flag_survives_without_a_traceparent() -> None:
     }
     parent = headers.extract(out).parent
     assert parent is not None and parent.sampled is False
+
+
+OTHER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+@pytest.mark.parametrize("from_langfuse", [True, False])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {},
+        {"langfuse_trace_id": TRACE_ID},
+        {"langfuse_trace_id": OTHER_TRACE_ID},
+        {"langfuse_trace_id": "Not A Hex Id, Say"},
+        {"langfuse_trace_id": TRACE_ID, "tenant": "acme corp;x=1"},
+        {"langfuse_user_id": "user 1"},
+    ],
+    ids=["none", "claim", "other-claim", "odd-claim", "claim+entry", "entry"],
+)
+def test_w3c_headers_are_what_the_global_propagator_writes(
+    entries: dict[str, str], from_langfuse: bool, sampled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # inject() writes traceparent and baggage itself in the usual case (the default
+    # propagator, no baggage but the app-root claim); the strings must be the ones
+    # OTel's propagator would write, whatever the context carries.
+    from opentelemetry import baggage, propagate
+    from opentelemetry import context as otel_context
+
+    ctx = otel_context.get_current()
+    for key, value in entries.items():
+        ctx = baggage.set_baggage(key, value, context=ctx)
+    parent = TraceParent(TRACE_ID, SPAN_ID, sampled=sampled, from_langfuse=from_langfuse)
+    generic: list[None] = []
+    real_inject = propagate.inject
+    monkeypatch.setattr(propagate, "inject", lambda *a, **k: generic.append(real_inject(*a, **k)))
+    token = otel_context.attach(ctx)
+    try:
+        ours: dict[str, object] = {}
+        headers.inject(ours, parent=parent, attributes=TraceAttributes())
+        # the generic path only where the context holds more than a well-formed claim
+        odd_claim = not from_langfuse and "Not A Hex" in str(entries)
+        assert bool(generic) == bool(set(entries) - {"langfuse_trace_id"} or odd_claim)
+        theirs: dict[str, object] = {}
+        real_inject(theirs, context=parent.context())
+    finally:
+        otel_context.detach(token)
+    assert {k: v for k, v in ours.items() if not k.startswith("x-langfuse-")} == theirs
+
+
+def test_another_global_propagator_writes_its_own_headers() -> None:
+    from opentelemetry import propagate
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    class Marked(TraceContextTextMapPropagator):
+        def inject(self, carrier, context=None, setter=None):  # type: ignore[no-untyped-def]
+            super().inject(carrier, context)
+            carrier["x-marked"] = "1"
+
+    previous = propagate.get_global_textmap()
+    propagate.set_global_textmap(Marked())
+    try:
+        out: dict[str, object] = {}
+        headers.inject(out, parent=TraceParent(TRACE_ID, SPAN_ID), attributes=TraceAttributes())
+    finally:
+        propagate.set_global_textmap(previous)
+    assert out["x-marked"] == "1"
+    assert out["traceparent"] == f"00-{TRACE_ID}-{SPAN_ID}-01"
+    assert "baggage" not in out

@@ -176,7 +176,7 @@ def inject(
     the ``x-langfuse-*`` headers repeat it for Langfuse-aware consumers.
     """
     if parent is not None:
-        propagate.inject(headers, context=parent.context())
+        _write_w3c(headers, parent, otel_context.get_current())
         headers[TRACE_ID] = parent.trace_id
         headers[PARENT_ID] = parent.parent_id
         if parent.sampled:
@@ -200,6 +200,51 @@ def inject(
         if cron.due_at is not None:
             headers[CRON_DUE_AT] = f"{cron.due_at:.6f}"
     headers[PUBLISHED_AT] = f"{time.time():.6f}"
+
+
+def _write_w3c(
+    headers: MutableMapping[str, Any], parent: TraceParent, ctx: otel_context.Context
+) -> None:
+    """What the global OTel propagator writes for ``parent`` in ``ctx``: ``traceparent``
+    and the context's baggage. With OTel's default propagator and no baggage but the
+    app-root claim (the usual case), the two headers are written directly: the same
+    strings, without the propagators' generic encoding on every publish."""
+    entries = baggage.get_all(ctx)
+    claim = parent.trace_id if parent.from_langfuse else entries.get(_APP_ROOT_CLAIM_BAGGAGE_KEY)
+    if (
+        len(entries) > (_APP_ROOT_CLAIM_BAGGAGE_KEY in entries)  # other entries: encode them
+        or not (claim is None or (isinstance(claim, str) and _TRACE_ID_RE.fullmatch(claim)))
+        or not _default_propagator()
+    ):
+        propagate.inject(headers, context=parent.context(ctx))
+        return
+    flags = "01" if parent.sampled else "00"
+    headers[TRACEPARENT] = f"00-{parent.trace_id}-{parent.parent_id}-{flags}"
+    if claim is not None:
+        headers[_BAGGAGE] = f"{_APP_ROOT_CLAIM_BAGGAGE_KEY}={claim}"
+
+
+_BAGGAGE = "baggage"
+_checked_propagator: tuple[object, bool] = (None, False)
+
+
+def _default_propagator() -> bool:
+    """Whether the global propagator is OTel's default: W3C trace context, then W3C
+    baggage (checked once per propagator object; ``set_global_textmap`` replaces it)."""
+    global _checked_propagator
+    textmap = propagate.get_global_textmap()
+    checked, is_default = _checked_propagator
+    if checked is not textmap:
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parts = getattr(textmap, "_propagators", None)
+        is_default = type(textmap) is CompositePropagator and [
+            type(part) for part in parts or ()
+        ] == [TraceContextTextMapPropagator, W3CBaggagePropagator]
+        _checked_propagator = (textmap, is_default)
+    return is_default
 
 
 def extract(headers: Mapping[str, Any]) -> Extracted:
