@@ -124,6 +124,48 @@ def test_the_run_is_the_app_root_unless_the_trace_is_claimed(capture: CaptureSer
     assert "langfuse.internal.is_app_root" not in attributes["inner"]
 
 
+def test_observations_started_in_one_context_each_get_its_facts(capture: CaptureServer) -> None:
+    # What a context holds (propagated attributes, the app-root claim, whether its span
+    # is exported) is looked up once for several observations started in it, as a
+    # producer publishing a batch of tasks from one request does; the answers must still
+    # be the SDK's for each, including after the parent span has ended.
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+
+    with propagate_attributes(user_id="u-2"):
+        with get_client().start_as_current_observation(name="request") as request:
+            ctx = otel_context.get_current()
+            # the same span, without the app-root claim the SDK put in the baggage
+            unclaimed = otel_trace.set_span_in_context(request._otel_span, ctx)
+            unclaimed = baggage.remove_baggage("langfuse_trace_id", unclaimed)
+            for name in ("first", "second"):
+                client.start_observation(name, context=ctx).end()
+                client.start_observation(f"{name}, unclaimed", context=unclaimed).end()
+        for label, context in (("", ctx), (", unclaimed", unclaimed)):
+            client.start_observation(f"ours, parent ended{label}", context=context).end()
+            token = otel_context.attach(context)
+            try:
+                get_client().start_observation(name=f"SDK's, parent ended{label}").end()
+            finally:
+                otel_context.detach(token)
+    exported(capture, 9)
+    trace = capture.trace(request.trace_id)
+    roots = {
+        o.name for o in trace.observations if o.attributes.get("langfuse.internal.is_app_root")
+    }
+    for observation in trace.observations:
+        assert observation.user_id == "u-2"
+        if observation.name != "request":
+            assert observation.parent_id == request.id
+    assert "request" in roots
+    assert not {"first", "second", "first, unclaimed", "second, unclaimed"} & roots
+    for label in ("", ", unclaimed"):
+        ours, sdks = f"ours, parent ended{label}", f"SDK's, parent ended{label}"
+        assert (ours in roots) == (sdks in roots), label
+    assert "ours, parent ended, unclaimed" in roots  # the case the SDK's rule turns on
+
+
 def test_an_observation_carrying_media_is_handed_to_the_sdk(capture: CaptureServer) -> None:
     image = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
     observation = client.start_observation("with media", input={"image": image})

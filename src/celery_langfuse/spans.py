@@ -27,12 +27,14 @@ path from the ``LANGFUSE_*`` variables, without importing the SDK.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
@@ -202,10 +204,10 @@ class Recorder:
                 parent = None
                 trace_id = random.getrandbits(128) or 1
         span_context = SpanContext(trace_id, random.getrandbits(64) or 1, False, _SAMPLED)
-        propagated = _propagated_attributes(context)
+        propagated, claim = _context_facts(context)
         if propagated:
             attributes.update(propagated)
-        if _is_app_root(trace_id, parent, parent_span, context):
+        if _is_app_root(trace_id, parent, parent_span, claim):
             attributes[_IS_APP_ROOT] = True
         return LeanSpan(self, name, span_context, parent, attributes, start_time or time.time_ns())
 
@@ -271,26 +273,60 @@ def _may_carry_media(attributes: Mapping[str, Any]) -> bool:
 
 
 def _is_app_root(
-    trace_id: int, parent: Optional[SpanContext], parent_span: Any, context: otel_context.Context
+    trace_id: int, parent: Optional[SpanContext], parent_span: Any, claim: Optional[str]
 ) -> bool:
     """The SDK span processor's rule: a span is its trace's app root in Langfuse unless
     its parent is a local span that Langfuse receives, or the context claims the trace
     already has its root (baggage set where the trace started)."""
     if parent is not None and not parent.is_remote and _exported_by_langfuse(parent_span):
         return False
+    return claim != format(trace_id, "032x")
+
+
+# The two lookups below are the same for every observation started in one context, or
+# under one parent: a producer publishing several tasks from one request, say. Each
+# keeps its last answer, held by a weak reference to what it was about (contexts are
+# immutable; whether a span is the kind Langfuse exports does not change).
+_last_context: Optional[tuple[Callable[[], Any], dict[str, Any], Optional[str]]] = None
+_last_exported: Optional[tuple[Callable[[], Any], bool]] = None
+
+
+def _context_facts(context: otel_context.Context) -> tuple[dict[str, Any], Optional[str]]:
+    """The propagated attributes in ``context`` and its app-root claim (a trace id)."""
+    global _last_context
+    cached = _last_context
+    if cached is not None and cached[0]() is context:
+        return cached[1], cached[2]
+    propagated = _propagated_attributes(context)
     claim = baggage.get_baggage(_APP_ROOT_CLAIM, context)
-    return claim is None or str(claim).lower() != format(trace_id, "032x")
+    claim = None if claim is None else str(claim).lower()
+    _last_context = (weakref.ref(context), propagated, claim)
+    return propagated, claim
 
 
 def _exported_by_langfuse(span: Any) -> bool:
+    """Whether ``span`` is alive and of a kind the SDK's processor exports."""
     if isinstance(span, LeanSpan):
         return True
+    if not span.is_recording():
+        return False
+    global _last_exported
+    cached = _last_exported
+    if cached is not None and cached[0]() is span:
+        return cached[1]
+    exported = _default_export_span(span)
+    with contextlib.suppress(TypeError):  # a span class with __slots__ and no weak refs
+        _last_exported = (weakref.ref(span), exported)
+    return exported
+
+
+def _default_export_span(span: Any) -> bool:
     if "langfuse" not in sys.modules:
         return False  # no Langfuse span processor exists to export it
     from langfuse._client.span_filter import is_default_export_span
 
     try:
-        return span.is_recording() and bool(is_default_export_span(span))
+        return bool(is_default_export_span(span))
     except Exception:
         return False
 
