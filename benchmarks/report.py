@@ -139,32 +139,49 @@ METRICS = (
 def summarise(
     samples: dict[str, dict[str, list[dict[str, Any]]]], contenders: list[str]
 ) -> dict[str, Any]:
-    """Median of each metric per contender, compared with plain Celery's median."""
+    """Median of each metric per contender, and its comparison with plain Celery.
+
+    A comparison is paired: each repetition's figure is compared with plain Celery's
+    from the same repetition (measured minutes apart), and the median of those ratios
+    or differences is reported. On a machine whose speed drifts, that cancels the drift
+    that comparing two medians of different moments would keep.
+    """
     summary: dict[str, Any] = {}
     for metric in METRICS:
         if metric.workload not in samples:
             continue
-        medians = {}
+        series: dict[str, list[Optional[float]]] = {}
         for contender in contenders:
             workload = metric.workload
             if contender == "plain" and metric.baseline_workload:
                 workload = metric.baseline_workload
-            values = [
-                s[metric.field]
-                for s in samples.get(workload, {}).get(contender, [])
-                if metric.field in s
+            series[contender] = [
+                s.get(metric.field) for s in samples.get(workload, {}).get(contender, [])
             ]
-            if values:
-                medians[contender] = statistics.median(values)
-        base = medians.get("plain")
+        medians = {
+            contender: statistics.median(present)
+            for contender, values in series.items()
+            if (present := [v for v in values if v is not None])
+        }
+        base = series.get("plain", [])
         compared = {}
         for contender, value in medians.items():
-            if metric.compare == "ratio" and base:
-                compared[contender] = value / base
-            elif metric.compare == "added" and base is not None:
-                compared[contender] = value - base
-            else:
+            if metric.compare == "value" or contender == "plain" or "plain" not in medians:
                 compared[contender] = value
+                continue
+            pairs = [
+                (mine, theirs)
+                for mine, theirs in zip(series[contender], base)
+                if mine is not None and theirs is not None
+            ]
+            if metric.compare == "ratio":
+                ratios = [mine / theirs for mine, theirs in pairs if theirs]
+                if ratios:
+                    compared[contender] = statistics.median(ratios)
+            elif pairs:
+                compared[contender] = statistics.median(mine - theirs for mine, theirs in pairs)
+        if "plain" in medians and metric.compare != "value":
+            compared["plain"] = 1.0 if metric.compare == "ratio" else 0.0
         entry: dict[str, Any] = {"medians": medians, "compared": compared}
         ours = compared.get(OURS)
         if ours is not None:
@@ -211,9 +228,10 @@ def markdown(doc: dict[str, Any]) -> str:
     machine = doc["machine"]
     out = []
     out.append(
-        f"Medians of {doc['settings']['reps']} interleaved repetitions; plain Celery in "
-        "absolute terms, the others relative to it (× time or rate, or added ms/MB). "
-        "**Bold**: best of the tracers.\n"
+        f"{doc['settings']['reps']} interleaved repetitions; plain Celery as the median "
+        "in absolute terms, the others relative to it (× time or rate, or added ms/MB): "
+        "the median of each repetition's comparison with plain Celery's figure from the "
+        "same repetition. **Bold**: best of the tracers.\n"
     )
     header = ["workload"] + [LABELS[c] for c in contenders] + ["target (ours)"]
     out.append("| " + " | ".join(header) + " |")
