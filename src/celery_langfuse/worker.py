@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers, sampling
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: made for every run, and a frozen one costs a setattr per field
 class Start:
     """What ``task_prerun`` received for one run, read once."""
 
@@ -382,10 +383,13 @@ class WorkerTracing:
         """Continue (or start) the run's trace in ``scope``; record it if sampled."""
         parent = start.extracted.parent
         attributes = start.extracted.attributes
+        # The producer's context, attached only if something below needs it current: a
+        # recorded run starts in it and attaches its own observation's context instead.
+        remote: Optional[otel_context.Context] = None
         if parent is not None:
             trace_id: Optional[str] = parent.trace_id
             sampled = parent.sampled
-            scope.enter_context(client.attached(parent.context()))
+            remote = parent.context()
         else:
             current = otel_trace.get_current_span().get_span_context()
             # An eager run inside the caller's observation continues its trace.
@@ -406,13 +410,14 @@ class WorkerTracing:
                     attributes, trace_name=attributes.trace_name or start.task_name
                 )
         if attributes:
+            if remote is not None:
+                scope.enter_context(client.attached(remote))
+                remote = None
             scope.enter_context(client.propagated(attributes))
-        if not traced or trace_id is None:
-            # Nothing recorded; whatever is current stays so, for the tasks it publishes.
-            return Run(None, scope, trace_id=trace_id)
-        if sampled:
+        if traced and trace_id is not None and sampled:
             observation = client.start_observation(
                 start.task_name,
+                context=remote,  # None: the current context
                 input=self._capture_input(start) if self.config.capture_input else None,
                 metadata=_run_metadata(
                     start.task_id, start.request, start.extracted.published_at, start.cron
@@ -420,8 +425,13 @@ class WorkerTracing:
                 root_of=trace_id if new_trace else None,
             )
             scope.callback(observation.end)
-            scope.enter_context(client.attached(client.context_with(observation)))
+            scope.enter_context(client.attached(client.context_with(observation, remote)))
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
+        if remote is not None:
+            scope.enter_context(client.attached(remote))
+        if not traced or trace_id is None:
+            # Nothing recorded; whatever is current stays so, for the tasks it publishes.
+            return Run(None, scope, trace_id=trace_id)
         if new_trace:
             # The run's own span id, never recorded: nested tasks name it as parent.
             unsampled = headers.TraceParent(trace_id, sampling.new_span_id(), sampled=False)
