@@ -1,6 +1,6 @@
 """Measure what each Celery tracer costs, side by side, in one command.
 
-    python benchmarks/run.py                 # the default run, under 10 minutes
+    python benchmarks/run.py                 # the default run, about 10 minutes on 2 cores
     python benchmarks/run.py --quick         # a smoke run (about 2 minutes)
     python benchmarks/run.py --n-worker 30000 --reps 5 --workloads solo,sink-down
 
@@ -9,7 +9,8 @@ Every measurement runs the contender in fresh processes (a producer process, a
 ``PYTHONPATH`` and with no ``LANGFUSE_*``/``OTEL_*``/``SENTRY_*`` variables inherited.
 Within each repetition every workload runs for every contender in turn (A B C D E,
 rotated one step per repetition), so drift in machine load spreads over all of them.
-Results are medians over repetitions and ratios to plain Celery from the same run,
+Results are medians over repetitions, and ratios (or differences) to plain Celery
+paired by repetition: the median of each repetition's comparison. They are
 written to ``benchmarks/results/`` as ``results.json``, ``results.md`` and
 ``results.png``. See docs/benchmarks.md.
 """
@@ -48,8 +49,8 @@ PYTHON = sys.executable
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
-    parser.add_argument("--n-publish", type=int, default=3000, help="publishes timed per process")
-    parser.add_argument("--n-worker", type=int, default=3000, help="no-op tasks per worker run")
+    parser.add_argument("--n-publish", type=int, default=2000, help="publishes timed per process")
+    parser.add_argument("--n-worker", type=int, default=1500, help="no-op tasks per worker run")
     parser.add_argument("--n-latency", type=int, default=200, help="latency probes per process")
     parser.add_argument(
         "--per-parent",
