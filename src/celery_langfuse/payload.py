@@ -213,6 +213,11 @@ class _Walker:
             return self._string(value)
         if depth >= _MAX_DEPTH:
             return self._repr(value)
+        kind = type(value)
+        if kind is dict:  # the usual kinds first: an ABC isinstance check costs more
+            return self._mapping(value.items(), len(value), depth)
+        if kind is list or kind is tuple:
+            return self._sequence(value, depth)
         if isinstance(value, Mapping):
             return self._mapping(value.items(), len(value), depth)
         if isinstance(value, (list, tuple, set, frozenset)):

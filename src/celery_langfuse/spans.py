@@ -340,11 +340,15 @@ def _propagated_attributes(context: otel_context.Context) -> dict[str, Any]:
     keeps its values under ``langfuse.propagated.*`` keys, or in ``langfuse_*`` baggage
     entries with ``as_baggage=True`` (the app-root claim aside).
     """
-    if not any(isinstance(key, str) and key.startswith(_PROPAGATED_PREFIX) for key in context):
-        entries = baggage.get_all(context)
-        if not entries or all(
-            key == _APP_ROOT_CLAIM or not key.startswith(_BAGGAGE_PREFIX) for key in entries
-        ):
+    # Loops, not any()/all() over generators: this runs for every observation.
+    for key in context:
+        if isinstance(key, str) and key.startswith(_PROPAGATED_PREFIX):
+            break
+    else:
+        for key in baggage.get_all(context):
+            if key != _APP_ROOT_CLAIM and key.startswith(_BAGGAGE_PREFIX):
+                break
+        else:
             return {}
     from langfuse._client.propagation import _get_propagated_attributes_from_context
 

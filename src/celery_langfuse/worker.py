@@ -624,7 +624,8 @@ def _failure_metadata(
 
 def _custom_headers(request: Any) -> Mapping[str, Any]:
     custom = getattr(request, "headers", None)
-    return custom if isinstance(custom, Mapping) else {}
+    # type() first: an ABC isinstance check is several Python calls, on every task
+    return custom if type(custom) is dict or isinstance(custom, Mapping) else {}
 
 
 def _close(run: Run) -> None:
