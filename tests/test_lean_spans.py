@@ -261,3 +261,43 @@ def test_without_a_client_lean_spans_go_where_and_as_the_sdk_would_send_them(
     assert (lean.environment, sdk.environment) == ("staging", "staging")
     assert lean.attributes["langfuse.release"] == sdk.attributes["langfuse.release"] == "r-7"
     assert lean.metadata == {"k": "v"}
+
+
+@pytest.mark.parametrize("producer", ["langfuse", "w3c", "w3c-unsampled"])
+def test_a_run_under_a_remote_parent_is_marked_as_the_sdk_would_mark_it(
+    capture: CaptureServer, producer: str
+) -> None:
+    # A run continuing a message is started under the remote parent directly, without
+    # making its context: the parent, trace, app-root mark and sampling must be what
+    # starting it in that context gives. A Langfuse-aware producer claimed the trace's
+    # app root; a plain W3C producer did not, so the run is the first span Langfuse
+    # sees of it, its app root.
+    from celery import Celery
+
+    from celery_langfuse import uninstall
+    from tests.test_hot_path_budget import Harness
+
+    harness = Harness(Celery("remote-parent"))
+    try:
+        trace_id, parent_id = "5c" * 16, "6d" * 8
+        if producer == "langfuse":
+            with get_client().start_as_current_observation(name="request") as request:
+                message = harness.publish()
+            trace_id = request.trace_id
+            parent_id = message["x-langfuse-parent-id"]
+        else:
+            flags = "00" if producer == "w3c-unsampled" else "01"
+            message = {"traceparent": f"00-{trace_id}-{parent_id}-{flags}"}
+        harness.run(message)()
+        client.flush(10)
+        if producer == "w3c-unsampled":
+            time.sleep(0.5)
+            assert [o for o in capture.observations if o.name == "budget.noop"] == []
+            return
+        capture.wait_for(lambda s: any(o.name == "budget.noop" for o in s.observations))
+        (run,) = [o for o in capture.observations if o.name == "budget.noop"]
+        assert (run.trace_id, run.parent_id) == (trace_id, parent_id)
+        marked = run.attributes.get("langfuse.internal.is_app_root") is True
+        assert marked == (producer == "w3c")
+    finally:
+        uninstall(harness.app)

@@ -481,9 +481,11 @@ def start_observation(
     status_message: Optional[str] = None,
     root_of: Optional[str] = None,
     start_time_ns: Optional[int] = None,
+    parent: Optional[TraceParent] = None,
 ) -> Observation:
     """Start a Langfuse span observation as a child of ``context`` (default: current),
-    or, with ``root_of``, as the parentless root of that trace id.
+    or, with ``root_of``, as the parentless root of that trace id, or, with ``parent``,
+    as the child of a remote parent, as if started in ``parent.context(context)``.
 
     The lean equivalent of ``get_langfuse().start_observation(as_type="span", ...)``
     for the signal handlers: see the comment above. Not made current; use
@@ -515,9 +517,12 @@ def start_observation(
             attributes,
             start_time_ns,
             int(root_of, 16) if root_of is not None else None,
+            parent,
         )
     else:
         client = get_langfuse()
+        if parent is not None:
+            context = parent.context(context)
         if root_of is not None:
             # OTel starts a span in a given trace only under a parent of that trace: a
             # made-up remote one, dropped by _make_root once the span has started.

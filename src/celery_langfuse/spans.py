@@ -36,7 +36,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
@@ -45,6 +45,9 @@ from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
 from . import otlp
 from .export import SpanExport
+
+if TYPE_CHECKING:
+    from .headers import TraceParent
 
 log = logging.getLogger(__name__)
 
@@ -177,16 +180,32 @@ class Recorder:
         attributes: dict[str, Any],
         start_time: Optional[int],
         root_of: Optional[int],
+        remote_parent: Optional[TraceParent] = None,
     ) -> otel_trace.Span:
         """A recording span, or, under a parent sampled out, the non-recording span the
-        SDK's default (parent-based) sampler would make."""
+        SDK's default (parent-based) sampler would make.
+
+        ``remote_parent``: the span's parent came in a message; its context need not be
+        made for this (``context`` is the one it would have been added to).
+        """
         if context is None:
             context = otel_context.get_current()
-        parent_span = otel_trace.get_current_span(context)
+        parent_span: Any = None
         parent: Optional[SpanContext] = None
-        if root_of is not None:
+        claim: Optional[str] = None
+        if remote_parent is not None:
+            trace_id = int(remote_parent.trace_id, 16)
+            if not remote_parent.sampled:
+                return otel_trace.NonRecordingSpan(
+                    SpanContext(trace_id, random.getrandbits(64) or 1, False, TraceFlags(0))
+                )
+            parent = SpanContext(trace_id, int(remote_parent.parent_id, 16), True, _SAMPLED)
+            if remote_parent.from_langfuse:
+                claim = remote_parent.trace_id  # TraceParent.context() would set it
+        elif root_of is not None:
             trace_id = root_of
         else:
+            parent_span = otel_trace.get_current_span(context)
             parent = parent_span.get_span_context()
             if parent.is_valid:
                 if not parent.trace_flags.sampled:
@@ -204,7 +223,9 @@ class Recorder:
                 parent = None
                 trace_id = random.getrandbits(128) or 1
         span_context = SpanContext(trace_id, random.getrandbits(64) or 1, False, _SAMPLED)
-        propagated, claim = _context_facts(context)
+        propagated, context_claim = _context_facts(context)
+        if claim is None:
+            claim = context_claim
         if propagated:
             attributes.update(propagated)
         if _is_app_root(trace_id, parent, parent_span, claim):

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
-from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers, sampling
@@ -383,13 +382,13 @@ class WorkerTracing:
         """Continue (or start) the run's trace in ``scope``; record it if sampled."""
         parent = start.extracted.parent
         attributes = start.extracted.attributes
-        # The producer's context, attached only if something below needs it current: a
-        # recorded run starts in it and attaches its own observation's context instead.
-        remote: Optional[otel_context.Context] = None
+        # The producer's context is made and attached only if something below needs it
+        # current: a recorded run is started under the remote parent directly and
+        # attaches its own observation's context instead.
+        remote = parent
         if parent is not None:
             trace_id: Optional[str] = parent.trace_id
             sampled = parent.sampled
-            remote = parent.context()
         else:
             current = otel_trace.get_current_span().get_span_context()
             # An eager run inside the caller's observation continues its trace.
@@ -411,13 +410,13 @@ class WorkerTracing:
                 )
         if attributes:
             if remote is not None:
-                scope.enter_context(client.attached(remote))
+                scope.enter_context(client.attached(remote.context()))
                 remote = None
             scope.enter_context(client.propagated(attributes))
         if traced and trace_id is not None and sampled:
             observation = client.start_observation(
                 start.task_name,
-                context=remote,  # None: the current context
+                parent=remote,  # None: a child of the current span
                 input=self._capture_input(start) if self.config.capture_input else None,
                 metadata=_run_metadata(
                     start.task_id, start.request, start.extracted.published_at, start.cron
@@ -425,10 +424,10 @@ class WorkerTracing:
                 root_of=trace_id if new_trace else None,
             )
             scope.callback(observation.end)
-            scope.enter_context(client.attached(client.context_with(observation, remote)))
+            scope.enter_context(client.attached(client.context_with(observation)))
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
         if remote is not None:
-            scope.enter_context(client.attached(remote))
+            scope.enter_context(client.attached(remote.context()))
         if not traced or trace_id is None:
             # Nothing recorded; whatever is current stays so, for the tasks it publishes.
             return Run(None, scope, trace_id=trace_id)
