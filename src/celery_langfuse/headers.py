@@ -117,15 +117,18 @@ class TraceParent:
     #: its observation already owns the trace's name and input.
     from_langfuse: bool = False
 
-    def context(self, base: Optional[otel_context.Context] = None) -> otel_context.Context:
-        """An OTel context whose current span is the remote parent."""
-        span_context = SpanContext(
+    def span_context(self) -> SpanContext:
+        """The remote parent as an OTel span context."""
+        return SpanContext(
             trace_id=int(self.trace_id, 16),
             span_id=int(self.parent_id, 16),
             is_remote=True,
             trace_flags=TraceFlags(TraceFlags.SAMPLED if self.sampled else TraceFlags.DEFAULT),
         )
-        ctx = otel_trace.set_span_in_context(NonRecordingSpan(span_context), base)
+
+    def context(self, base: Optional[otel_context.Context] = None) -> otel_context.Context:
+        """An OTel context whose current span is the remote parent."""
+        ctx = otel_trace.set_span_in_context(NonRecordingSpan(self.span_context()), base)
         if self.from_langfuse:
             ctx = with_app_root_claim(ctx, self.trace_id)
         return ctx

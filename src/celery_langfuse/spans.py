@@ -194,12 +194,12 @@ class Recorder:
         parent: Optional[SpanContext] = None
         claim: Optional[str] = None
         if remote_parent is not None:
-            trace_id = int(remote_parent.trace_id, 16)
+            parent = remote_parent.span_context()
+            trace_id = parent.trace_id
             if not remote_parent.sampled:
                 return otel_trace.NonRecordingSpan(
-                    SpanContext(trace_id, random.getrandbits(64) or 1, False, TraceFlags(0))
+                    SpanContext(trace_id, random.getrandbits(64) or 1, False, parent.trace_flags)
                 )
-            parent = SpanContext(trace_id, int(remote_parent.parent_id, 16), True, _SAMPLED)
             if remote_parent.from_langfuse:
                 claim = remote_parent.trace_id  # TraceParent.context() would set it
         elif root_of is not None:
