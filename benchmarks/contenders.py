@@ -10,7 +10,10 @@ what is buffered. All exporters point at the local sink in ``BENCH_SINK_URL``.
 - ``otel``: ``opentelemetry-instrumentation-celery`` with the OTel SDK, a
   ``BatchSpanProcessor`` and the OTLP/HTTP exporter.
 - ``otel-langfuse``: the same instrumentation, with the Langfuse SDK's tracer provider
-  (``langfuse.get_client()``) as the global provider.
+  as the global provider, made with ``Langfuse(should_export_span=lambda span: True)``:
+  since SDK v4 Langfuse's default export filter drops every span that is not its own
+  or an LLM library's, so without it the Celery spans never reach Langfuse (the
+  SDK's upgrade guide gives this line for keeping them).
 - ``sentry``: ``sentry_sdk`` with ``CeleryIntegration``, every transaction sampled.
 """
 
@@ -116,7 +119,8 @@ def _otel_langfuse() -> None:
     from opentelemetry import trace
     from opentelemetry.instrumentation.celery import CeleryInstrumentor
 
-    client = langfuse.get_client()  # installs its tracer provider as the global one
+    # Installs its tracer provider as the global one; exports the Celery spans too.
+    client = langfuse.Langfuse(should_export_span=lambda span: True)
     CeleryInstrumentor().instrument()
     tracer = trace.get_tracer("bench.request")
     _flush = lambda timeout: client.flush()  # noqa: E731
