@@ -301,3 +301,31 @@ def test_a_run_under_a_remote_parent_is_marked_as_the_sdk_would_mark_it(
         assert marked == (producer == "w3c")
     finally:
         uninstall(harness.app)
+
+
+@pytest.mark.parametrize("sampled", [True, False])
+def test_a_span_under_a_remote_parent_has_the_contexts_an_sdk_span_would(
+    capture: CaptureServer, sampled: bool
+) -> None:
+    # A lean span makes its own span context and its parent's only when asked for:
+    # they must be what the SDK's span started in the parent's context reports.
+    from celery_langfuse.headers import TraceParent
+
+    remote = TraceParent("7e" * 16, "8f" * 8, sampled=sampled, from_langfuse=True)
+    lean = client.start_observation("lean", parent=remote)
+    sdk = get_client()._otel_tracer.start_span("sdk", context=remote.context())
+    try:
+        lean_context, sdk_context = lean.span.get_span_context(), sdk.get_span_context()
+        assert lean_context.trace_id == sdk_context.trace_id == int("7e" * 16, 16)
+        assert (lean_context.is_remote, lean_context.trace_flags) == (
+            sdk_context.is_remote,
+            sdk_context.trace_flags,
+        )
+        assert lean.span.is_recording() == sdk.is_recording() == sampled
+        if sampled:
+            assert isinstance(lean.span, LeanSpan)
+            assert lean.span.parent == sdk.parent == remote.span_context()
+            assert lean.span.get_span_context() is lean_context  # made once
+    finally:
+        lean.end()
+        sdk.end()

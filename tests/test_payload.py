@@ -176,3 +176,20 @@ def test_a_mask_runs_after_redaction_and_fails_closed() -> None:
         raise RuntimeError("bug")
 
     assert PayloadCapture(1_000, mask=broken)({"a": 1}) == "<not captured: mask failed>"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *(None, True, 0, -7, 2.5, float("inf"), "", "short", "x" * 99, "x" * 101, [], {}, ()),
+        *([1], {"password": "hunter2"}, ("a",), {1: 2}, b"bytes", {"nested": {"token": "t"}}),
+    ],
+)
+def test_values_returned_at_once_are_what_a_capture_returns(value: Any) -> None:
+    # PayloadCapture returns None, numbers, short strings and empty lists and dicts
+    # without walking them: the same as the walk would.
+    captured = PayloadCapture(max_chars=100)(value)
+    assert captured == capture(value, 100)
+    assert type(captured) is type(capture(value, 100))
+    if isinstance(value, (list, dict)):
+        assert captured is not value  # a copy, as a capture is: the task may mutate it

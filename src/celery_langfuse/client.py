@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, Optional
 
 from opentelemetry import context as otel_context
@@ -502,7 +503,7 @@ def start_observation(
     if metadata:
         # The whole object in one attribute: Langfuse reads it as the metadata and
         # overlays any `langfuse.observation.metadata.<key>` set later.
-        attributes[_METADATA] = _encode(_masked(metadata, mask))
+        attributes[_METADATA] = _encode(metadata if mask is None else _masked(metadata, mask))
     if level is not None:
         attributes[_LEVEL] = level
     if status_message is not None:
@@ -539,14 +540,18 @@ def start_observation(
 
 
 def context_with(
-    observation: Observation, context: Optional[otel_context.Context] = None
+    observation: Observation,
+    context: Optional[otel_context.Context] = None,
+    trace_id: Optional[str] = None,
 ) -> otel_context.Context:
     """``context`` with ``observation`` as its current span, as the SDK's
     ``start_as_current_observation`` makes it: including its claim to the trace's app
-    root, which the W3C baggage header carries to other services."""
-    ctx = otel_trace.set_span_in_context(observation.span, context)
-    if observation.span.is_recording():
-        ctx = with_app_root_claim(ctx, observation.trace_id)
+    root, which the W3C baggage header carries to other services. ``trace_id``: the
+    observation's, when the caller knows it."""
+    span = observation.span
+    ctx = otel_trace.set_span_in_context(span, context)
+    if span.is_recording():
+        ctx = with_app_root_claim(ctx, trace_id or observation.trace_id)
     return ctx
 
 
@@ -611,8 +616,23 @@ def _static_attributes(client: Any) -> dict[str, str]:
 
 
 # Payloads come from payload.capture (JSON types only); `default=str` guards the rest.
-# One encoder for all: `json.dumps` with options builds a new one on every call.
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+# One encoder for all, made once: `json.dumps` with options builds an encoder on every
+# call, and `JSONEncoder.encode` builds its C scanner on every call. No circular
+# reference check: what is encoded here are copies made by payload.capture, and this
+# library's own metadata dicts (a cycle still fails, with RecursionError, in the
+# handler's guard).
+_json_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_c_encode = (
+    c_make_encoder(None, str, encode_basestring, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None  # an interpreter without the C accelerator
+)
+
+
+def _encode(value: Any) -> str:
+    if _c_encode is None:
+        return _json_encoder.encode(value)
+    return "".join(_c_encode(value, 0))
 
 
 def _masked(value: Any, mask: Any) -> Any:
@@ -627,7 +647,8 @@ def _masked(value: Any, mask: Any) -> Any:
 
 
 def _json(value: Any, mask: Any) -> str:
-    value = _masked(value, mask)
+    if mask is not None:
+        value = _masked(value, mask)
     return value if isinstance(value, str) else _encode(value)
 
 

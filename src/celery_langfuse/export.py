@@ -70,7 +70,8 @@ class SpanExport(SpanProcessor):
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._condition = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
         self._queue: list[FinishedSpan] = []
         self._flush_waiters: list[threading.Event] = []
         self._thread: Optional[threading.Thread] = None
@@ -83,7 +84,7 @@ class SpanExport(SpanProcessor):
 
     def submit(self, span: FinishedSpan) -> None:
         """Queue one ended span; never blocks on the network."""
-        with self._condition:
+        with self._lock:  # the condition's lock: a C context manager, unlike the condition
             if self._stopped:
                 return
             queue = self._queue

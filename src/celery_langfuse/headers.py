@@ -258,8 +258,8 @@ def extract(headers: Mapping[str, Any]) -> Extracted:
         parent=reader.parent(),
         attributes=reader.attributes(),
         published_at=reader.timestamp(PUBLISHED_AT),
-        cron=reader.cron_run(),
-        malformed=tuple(reader.malformed),
+        cron=None if headers.get(CRON_ENTRY) is None else reader.cron_run(),
+        malformed=tuple(reader.malformed) if reader.malformed else (),
     )
 
 
@@ -296,10 +296,25 @@ class _Reader:
     def parent(self) -> Optional[TraceParent]:
         # Our own ids first: they name an observation Langfuse received. A traceparent
         # rewritten by another instrumentation may point at a span Langfuse never sees.
-        trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
-        parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
+        get = self._headers.get
+        raw_trace_id, raw_parent_id = get(TRACE_ID), get(PARENT_ID)
+        trace_id = parent_id = None
+        if type(raw_trace_id) is str and type(raw_parent_id) is str:  # the usual case
+            trace_id, parent_id = raw_trace_id.strip().lower(), raw_parent_id.strip().lower()
+            if not (
+                _TRACE_ID_RE.fullmatch(trace_id)
+                and _SPAN_ID_RE.fullmatch(parent_id)
+                and trace_id != _ZERO_TRACE_ID
+                and parent_id != _ZERO_SPAN_ID
+            ):
+                trace_id = parent_id = None
+        if trace_id is None and (raw_trace_id is not None or raw_parent_id is not None):
+            # One is missing or bad: checked one by one, to note which.
+            trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
+            parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
         if trace_id and parent_id:
-            sampled = str(self._headers.get(SAMPLED, "1")).strip() != "0"
+            sampled = get(SAMPLED)
+            sampled = sampled is None or str(sampled).strip() != "0"
             return TraceParent(trace_id, parent_id, sampled=sampled, from_langfuse=True)
         raw = self._headers.get(TRACEPARENT)
         if raw is None:

@@ -163,6 +163,10 @@ def describe_exception(exc: Any) -> str:
     return f"{name}: {message}"[:1000] if message else name
 
 
+_SCALARS = frozenset({bool, int, float})
+_CONTAINERS = frozenset({list, dict})
+
+
 class PayloadCapture:
     """The capture settings of one installation: size bound, redaction, user mask."""
 
@@ -177,9 +181,19 @@ class PayloadCapture:
         self.mask = mask
 
     def __call__(self, value: Any) -> Any:
-        captured = capture(value, self.max_chars, self.redactor)
         if self.mask is None:
-            return captured
+            # What a capture would return as it is, returned at once: most task
+            # arguments and results are none, a number, a short string or empty.
+            kind = type(value)
+            if (
+                value is None
+                or kind in _SCALARS
+                or (kind is str and len(value) <= self.max_chars)
+                or (kind in _CONTAINERS and not value)
+            ):
+                return [] if kind is list else {} if kind is dict else value
+            return capture(value, self.max_chars, self.redactor)
+        captured = capture(value, self.max_chars, self.redactor)
         try:
             return self.mask(captured)
         except Exception:

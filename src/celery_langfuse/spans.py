@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _IS_APP_ROOT = "langfuse.internal.is_app_root"
 _MEDIA_MARK = ";base64,"
 _PROPAGATED_PREFIX = "langfuse.propagated."
@@ -70,25 +71,46 @@ class LeanSpan(otel_trace.Span):
         "_ended",
         "_events",
         "_parent",
+        "_parent_id",
+        "_parent_is_remote",
         "_recorder",
+        "_remote_parent",
         "_status",
         "attributes",
         "name",
+        "span_id",
         "start_time",
+        "trace_id",
     )
 
     def __init__(
         self,
         recorder: Recorder,
         name: str,
-        context: SpanContext,
+        trace_id: int,
+        span_id: int,
         parent: Optional[SpanContext],
         attributes: dict[str, Any],
         start_time: int,
+        remote_parent: Optional[TraceParent] = None,
     ) -> None:
         self._recorder = recorder
-        self._context = context
+        self.trace_id = trace_id
+        self.span_id = span_id
+        # The OTel span contexts, its own and its parent's, are made when first asked
+        # for: a task that starts nothing inside its run never needs them.
+        self._context: Optional[SpanContext] = None
         self._parent = parent
+        self._remote_parent = remote_parent
+        if remote_parent is not None:
+            self._parent_id: Optional[int] = int(remote_parent.parent_id, 16)
+            self._parent_is_remote = True
+        elif parent is not None:
+            self._parent_id = parent.span_id
+            self._parent_is_remote = parent.is_remote
+        else:
+            self._parent_id = None
+            self._parent_is_remote = False
         self.name = name
         self.start_time = start_time
         self.attributes = attributes
@@ -98,10 +120,16 @@ class LeanSpan(otel_trace.Span):
 
     @property
     def parent(self) -> Optional[SpanContext]:
-        return self._parent
+        parent = self._parent
+        if parent is None and self._remote_parent is not None:
+            parent = self._parent = self._remote_parent.span_context()
+        return parent
 
     def get_span_context(self) -> SpanContext:
-        return self._context
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(self.trace_id, self.span_id, False, _SAMPLED)
+        return context
 
     def is_recording(self) -> bool:
         return not self._ended
@@ -162,7 +190,7 @@ class LeanSpan(otel_trace.Span):
         self._recorder.finish(self, end_time or time.time_ns())
 
     def __repr__(self) -> str:
-        return f"LeanSpan({self.name!r}, span_id={self._context.span_id:016x})"
+        return f"LeanSpan({self.name!r}, span_id={self.span_id:016x})"
 
 
 class Recorder:
@@ -194,11 +222,10 @@ class Recorder:
         parent: Optional[SpanContext] = None
         claim: Optional[str] = None
         if remote_parent is not None:
-            parent = remote_parent.span_context()
-            trace_id = parent.trace_id
+            trace_id = int(remote_parent.trace_id, 16)
             if not remote_parent.sampled:
                 return otel_trace.NonRecordingSpan(
-                    SpanContext(trace_id, random.getrandbits(64) or 1, False, parent.trace_flags)
+                    SpanContext(trace_id, random.getrandbits(64) or 1, False, _NOT_SAMPLED)
                 )
             if remote_parent.from_langfuse:
                 claim = remote_parent.trace_id  # TraceParent.context() would set it
@@ -222,7 +249,6 @@ class Recorder:
             else:
                 parent = None
                 trace_id = random.getrandbits(128) or 1
-        span_context = SpanContext(trace_id, random.getrandbits(64) or 1, False, _SAMPLED)
         propagated, context_claim = _context_facts(context)
         if claim is None:
             claim = context_claim
@@ -230,21 +256,28 @@ class Recorder:
             attributes.update(propagated)
         if _is_app_root(trace_id, parent, parent_span, claim):
             attributes[_IS_APP_ROOT] = True
-        return LeanSpan(self, name, span_context, parent, attributes, start_time or time.time_ns())
+        return LeanSpan(
+            self,
+            name,
+            trace_id,
+            random.getrandbits(64) or 1,
+            parent,
+            attributes,
+            start_time or time.time_ns(),
+            remote_parent,
+        )
 
     def finish(self, span: LeanSpan, end_time: int) -> None:
         if _may_carry_media(span.attributes):
             self._hand_to_sdk(span, end_time)
             return
-        parent = span._parent
-        context = span._context
         status_code, status_message = span._status
         self.export.submit(
             otlp.FinishedSpan(
-                context.trace_id,
-                context.span_id,
-                parent.span_id if parent is not None else None,
-                parent is not None and parent.is_remote,
+                span.trace_id,
+                span.span_id,
+                span._parent_id,
+                span._parent_is_remote,
                 span.name,
                 span.start_time,
                 end_time,
@@ -272,8 +305,8 @@ class Recorder:
         )
         readable = ReadableSpan(
             name=span.name,
-            context=span._context,
-            parent=span._parent,
+            context=span.get_span_context(),
+            parent=span.parent,
             resource=resources.tracer_provider.resource,
             attributes=span.attributes,
             events=[Event(name, attrs, ts) for name, ts, attrs in span._events or ()],
@@ -290,7 +323,10 @@ class Recorder:
 
 def _may_carry_media(attributes: Mapping[str, Any]) -> bool:
     """Whether the SDK's media scan could find something to upload (a base64 data URI)."""
-    return any(isinstance(value, str) and _MEDIA_MARK in value for value in attributes.values())
+    for value in attributes.values():  # noqa: SIM110 (any() over a generator costs more)
+        if isinstance(value, str) and _MEDIA_MARK in value:
+            return True
+    return False
 
 
 def _is_app_root(
@@ -301,7 +337,7 @@ def _is_app_root(
     already has its root (baggage set where the trace started)."""
     if parent is not None and not parent.is_remote and _exported_by_langfuse(parent_span):
         return False
-    return claim != format(trace_id, "032x")
+    return claim is None or claim != format(trace_id, "032x")
 
 
 # The two lookups below are the same for every observation started in one context, or

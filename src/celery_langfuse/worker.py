@@ -31,13 +31,14 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
 from . import client, headers, sampling
@@ -80,13 +81,55 @@ class SampledOut:
     started_ns: int
 
 
+class RunScope:
+    """What a run made current or opened, undone in reverse order when it closes.
+
+    A lean ``ExitStack``: a run usually attaches one context and ends one observation,
+    and ``ExitStack``'s wrappers cost more than those two steps. Every step is undone
+    even if one fails; the first failure is raised at the end.
+    """
+
+    __slots__ = ("_steps",)
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[Callable[[Any], Any], Any]] = []
+
+    def attach(self, ctx: otel_context.Context) -> None:
+        """Make ``ctx`` current until the run closes."""
+        self._steps.append((otel_context.detach, otel_context.attach(ctx)))
+
+    def enter(self, manager: AbstractContextManager[Any]) -> None:
+        manager.__enter__()
+        self._steps.append((_exit, manager))
+
+    def callback(self, undo: Callable[[Any], Any], argument: Any) -> None:
+        """Call ``undo(argument)`` when the run closes."""
+        self._steps.append((undo, argument))
+
+    def close(self) -> None:
+        steps = self._steps
+        error: Optional[BaseException] = None
+        while steps:
+            undo, argument = steps.pop()
+            try:
+                undo(argument)
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+def _exit(manager: AbstractContextManager[Any]) -> None:
+    manager.__exit__(None, None, None)
+
+
 @dataclass
 class Run:
     """One task execution being traced in this process."""
 
     #: The run's observation; None when the run records nothing (unless it fails).
     observation: Any  # a client.Observation
-    scope: ExitStack
+    scope: RunScope
     traceback: Optional[str] = None
     trace_id: Optional[str] = None
     captures: bool = True
@@ -264,12 +307,13 @@ class WorkerTracing:
                 _record_outcome(run, state, retval, self.config)
             elif run.sampled_out is not None and state == states.FAILURE:
                 self._record_kept_failure(run, run.sampled_out, retval, describe_exception(retval))
-            run.score_cron(
-                success=_CRON_SUCCESS_BY_STATE.get(state or ""),
-                comment=None
-                if state == states.SUCCESS
-                else self.config.payload.text(describe_exception(retval)),
-            )
+            if run.cron is not None:
+                run.score_cron(
+                    success=_CRON_SUCCESS_BY_STATE.get(state or ""),
+                    comment=None
+                    if state == states.SUCCESS
+                    else self.config.payload.text(describe_exception(retval)),
+                )
         except Exception:
             warn_rate_limited(
                 log, "postrun", "celery-langfuse: could not record the outcome of task %s", task_id
@@ -360,9 +404,9 @@ class WorkerTracing:
             kwargs=kwargs,
             extracted=extracted,
             captures=rules.capture and getattr(task, "langfuse_capture", True) is not False,
-            cron=_cron_health(extracted, task_id, request),
+            cron=None if extracted.cron is None else _cron_health(extracted, task_id, request),
         )
-        scope = ExitStack()
+        scope = RunScope()
         try:
             run = self._start(start, rules.traced, scope)
             run.cron = start.cron
@@ -378,7 +422,7 @@ class WorkerTracing:
                 stale.observation.update(level="WARNING", status_message="run was never closed")
                 stale.observation.end()
 
-    def _start(self, start: Start, traced: bool, scope: ExitStack) -> Run:
+    def _start(self, start: Start, traced: bool, scope: RunScope) -> Run:
         """Continue (or start) the run's trace in ``scope``; record it if sampled."""
         parent = start.extracted.parent
         attributes = start.extracted.attributes
@@ -410,12 +454,14 @@ class WorkerTracing:
                 )
         if attributes:
             if remote is not None:
-                scope.enter_context(client.attached(remote.context()))
+                scope.attach(remote.context())
                 remote = None
-            scope.enter_context(client.propagated(attributes))
+            scope.enter(client.propagated(attributes))
         if traced and trace_id is not None and sampled:
+            ctx = otel_context.get_current()
             observation = client.start_observation(
                 start.task_name,
+                context=ctx,
                 parent=remote,  # None: a child of the current span
                 input=self._capture_input(start) if self.config.capture_input else None,
                 metadata=_run_metadata(
@@ -423,18 +469,18 @@ class WorkerTracing:
                 ),
                 root_of=trace_id if new_trace else None,
             )
-            scope.callback(observation.end)
-            scope.enter_context(client.attached(client.context_with(observation)))
+            scope.callback(client.Observation.end, observation)
+            scope.attach(client.context_with(observation, ctx, trace_id))
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
         if remote is not None:
-            scope.enter_context(client.attached(remote.context()))
+            scope.attach(remote.context())
         if not traced or trace_id is None:
             # Nothing recorded; whatever is current stays so, for the tasks it publishes.
             return Run(None, scope, trace_id=trace_id)
         if new_trace:
             # The run's own span id, never recorded: nested tasks name it as parent.
             unsampled = headers.TraceParent(trace_id, sampling.new_span_id(), sampled=False)
-            scope.enter_context(client.attached(unsampled.context()))
+            scope.attach(unsampled.context())
         if not self.config.keep_failures:
             return Run(None, scope, trace_id=trace_id)
         kept = SampledOut(start, trace_id, time.time(), time.time_ns())
@@ -594,7 +640,9 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
     observation = run.observation
     if state == states.SUCCESS:
         if config.capture_output and run.captures:
-            observation.update(output=config.payload(retval))
+            output = config.payload(retval)
+            if output is not None:  # None leaves the output unset
+                observation.update(output=output)
     elif state == states.FAILURE:
         observation.update(
             level="ERROR",
