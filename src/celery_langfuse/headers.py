@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from opentelemetry import baggage, propagate
 from opentelemetry import context as otel_context
@@ -106,9 +106,12 @@ class TraceAttributes:
         )
 
 
-@dataclass(frozen=True)
-class TraceParent:
-    """Where a consumer continues a trace: ids validated, ready to attach."""
+class TraceParent(NamedTuple):
+    """Where a consumer continues a trace: ids validated, ready to attach.
+
+    A named tuple, like :class:`Extracted`: every task run reads one, and a frozen
+    dataclass costs an ``object.__setattr__`` per field to make.
+    """
 
     trace_id: str
     parent_id: str
@@ -152,8 +155,7 @@ class CronRun:
     due_at: Optional[float] = None
 
 
-@dataclass(frozen=True)
-class Extracted:
+class Extracted(NamedTuple):
     """Everything a consumer reads from one message's headers."""
 
     parent: Optional[TraceParent]
@@ -297,19 +299,19 @@ class _Reader:
         # Our own ids first: they name an observation Langfuse received. A traceparent
         # rewritten by another instrumentation may point at a span Langfuse never sees.
         get = self._headers.get
-        raw_trace_id, raw_parent_id = get(TRACE_ID), get(PARENT_ID)
-        trace_id = parent_id = None
-        if type(raw_trace_id) is str and type(raw_parent_id) is str:  # the usual case
-            trace_id, parent_id = raw_trace_id.strip().lower(), raw_parent_id.strip().lower()
-            if not (
-                _TRACE_ID_RE.fullmatch(trace_id)
-                and _SPAN_ID_RE.fullmatch(parent_id)
-                and trace_id != _ZERO_TRACE_ID
-                and parent_id != _ZERO_SPAN_ID
-            ):
-                trace_id = parent_id = None
-        if trace_id is None and (raw_trace_id is not None or raw_parent_id is not None):
-            # One is missing or bad: checked one by one, to note which.
+        trace_id, parent_id = get(TRACE_ID), get(PARENT_ID)
+        if (
+            type(trace_id) is str
+            and type(parent_id) is str
+            and _TRACE_ID_RE.fullmatch(trace_id)
+            and _SPAN_ID_RE.fullmatch(parent_id)
+            and trace_id != _ZERO_TRACE_ID
+            and parent_id != _ZERO_SPAN_ID
+        ):
+            pass  # the usual case: both as this library writes them
+        elif trace_id is not None or parent_id is not None:
+            # Written otherwise (case, spaces), missing one, or bad: checked one by one,
+            # noting what is dropped.
             trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
             parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
         if trace_id and parent_id:
