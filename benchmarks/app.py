@@ -4,7 +4,8 @@ Configured from the environment by ``benchmarks/run.py``:
 ``BENCH_CONTENDER`` (which tracer, see ``contenders.py``), ``BENCH_BROKER``,
 ``BENCH_RESULTS`` (a Redis URL where marks and latency samples go, never the result
 backend: the tasks store no results), ``BENCH_QUEUE``, ``BENCH_POOL`` and
-``BENCH_SINK_DOWN``.
+``BENCH_SINK_DOWN``; ``BENCH_EXIT_AFTER_END=1`` makes the worker exit right after
+the ``end`` mark (``benchmarks/instructions.py``).
 
 Tasks: ``noop`` (the workload), ``mark`` (a sentinel the worker runs before, halfway
 through and after the no-op tasks: it records wall time, CPU time and memory of the
@@ -106,6 +107,11 @@ def mark(key: str, label: str, flush: bool = False) -> None:
         record["wall_after_flush"] = time.time()
     record.update(memory_kib())
     results().rpush(key, json.dumps(record))
+    if label == "end" and os.environ.get("BENCH_EXIT_AFTER_END") == "1":
+        # benchmarks/instructions.py runs the worker under valgrind, which writes its
+        # counts when the process exits: exit now, the exporter's work flushed above,
+        # rather than wait for a signal and a shutdown whose cost is not the tasks'.
+        os._exit(0)
 
 
 @app.task(name="bench.probe")
