@@ -1,6 +1,6 @@
 """Count the CPU instructions each Celery tracer costs per task, in a real worker.
 
-    python benchmarks/instructions.py         # all contenders, about 9 minutes on 2 cores
+    python benchmarks/instructions.py         # all contenders, 5-9 minutes on 2 cores
     python benchmarks/instructions.py --contenders plain,celery-langfuse --tasks 200,1000
     python benchmarks/instructions.py --reps 2 --profile   # keep callgrind files to annotate
 
@@ -164,6 +164,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="Redis server; uses databases 13 (broker) and 14 (marks), deletes only its own keys",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: write instructions.md again from an instructions.json",
+    )
     args = parser.parse_args(argv)
     chosen = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in chosen if c not in CONTENDERS]
@@ -564,6 +570,12 @@ def markdown(doc: dict[str, Any]) -> str:
         + "\n",
         table(doc["summary"], contenders, (n1, n2)),
         "",
+        "Counted: the user-space instructions of the worker process, all its threads. Not "
+        "counted: the kernel's work for its system calls (Redis, the exporters' HTTP "
+        "requests: Sentry sends one per task), the sink's and Redis's work, and how fast "
+        "the instructions run (cache misses): instructions are not time, but they do not "
+        "vary with the machine's load. *Export requests*: what the worker sent to the "
+        "sink in the N2 run.\n",
         "Runs:\n",
         "| contender | N | rep | instructions | valgrind s | tasks/s under valgrind "
         "| export requests |",
@@ -597,6 +609,11 @@ def _benches(args: argparse.Namespace, workdir: Path, stack: ExitStack) -> Itera
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.report_only:
+        text = markdown(json.loads(args.report_only.read_text()))
+        (args.out / "instructions.md").write_text(text)
+        print(text)
+        return 0
     valgrind = valgrind_version(args.profile is not None)
     command = "python benchmarks/instructions.py" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
