@@ -232,7 +232,9 @@ class Bench:
     def cleanup(self, queue: str, key: str) -> None:
         """Delete what one measurement left in Redis (and nothing else: the
         databases may be shared)."""
-        self.broker.delete(queue, f"_kombu.binding.{queue}", key)
+        self.broker.delete(
+            queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}", key
+        )
         self.results.delete(key)
 
     # -- workloads ------------------------------------------------------------------
