@@ -37,7 +37,13 @@ from opentelemetry.trace import Status, StatusCode
 from .export import SpanExport
 from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
 from .sampling import new_span_id
-from .spans import Recorder, environment_and_release, recorder_for, standalone_recorder
+from .spans import (
+    LeanSpan,
+    Recorder,
+    environment_and_release,
+    recorder_for,
+    standalone_recorder,
+)
 
 if TYPE_CHECKING:
     import langfuse
@@ -426,11 +432,16 @@ class Observation:
 
     @property
     def trace_id(self) -> str:
-        return format(self.span.get_span_context().trace_id, "032x")
+        span = self.span
+        # A lean span has its ids at hand; its span context is made only when asked for.
+        ids = span if type(span) is LeanSpan else span.get_span_context()
+        return format(ids.trace_id, "032x")
 
     @property
     def id(self) -> str:
-        return format(self.span.get_span_context().span_id, "016x")
+        span = self.span
+        ids = span if type(span) is LeanSpan else span.get_span_context()
+        return format(ids.span_id, "016x")
 
     def update(
         self,
