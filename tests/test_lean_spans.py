@@ -329,3 +329,19 @@ def test_a_span_under_a_remote_parent_has_the_contexts_an_sdk_span_would(
     finally:
         lean.end()
         sdk.end()
+
+
+def test_recurring_short_attributes_encode_the_same_from_the_cache() -> None:
+    # Short strings and booleans are encoded once and reused: a value of another type
+    # that compares equal (1 == True) must still be encoded as itself.
+    from opentelemetry.proto.trace.v1.trace_pb2 import ScopeSpans
+
+    def decoded(value: object) -> object:
+        span = otlp.FinishedSpan(1, 2, None, False, "s", 1, 2, {"key": value})
+        (message,) = ScopeSpans.FromString(otlp.encode_span(span)).spans
+        any_value = message.attributes[0].value
+        return getattr(any_value, any_value.WhichOneof("value"))
+
+    for value in (True, 1, "True", True, 1, "x" * 41, "x" * 40, False, 0, "True"):
+        assert decoded(value) == value
+        assert type(decoded(value)) is type(value)

@@ -80,11 +80,30 @@ def _key_value(key: str, value: Any) -> bytes:
     return prefix + _field(b"\x12", _any_value(value))
 
 
+#: Whole ``KeyValue`` fields of short string and boolean attributes, which recur from
+#: span to span (type, environment, level, app-root mark ...); bounded like the keys.
+_short_fields: dict[tuple[bytes, str, Any], bytes] = {}
+_SHORT = 40
+
+
 def attributes(tag: bytes, values: Mapping[str, Any]) -> bytes:
     """Repeated ``KeyValue`` fields under ``tag``; None values are left out."""
-    return b"".join(
-        _field(tag, _key_value(key, value)) for key, value in values.items() if value is not None
-    )
+    parts = []
+    for key, value in values.items():  # a loop: this runs for every span
+        if value is None:
+            continue
+        kind = type(value)
+        if kind is bool or (kind is str and len(value) <= _SHORT):
+            cache_key = (tag, key, value)
+            field = _short_fields.get(cache_key)
+            if field is None:
+                field = _field(tag, _key_value(key, value))
+                if len(_short_fields) < 4096:
+                    _short_fields[cache_key] = field
+            parts.append(field)
+        else:
+            parts.append(_field(tag, _key_value(key, value)))
+    return b"".join(parts)
 
 
 class FinishedSpan(NamedTuple):
