@@ -63,3 +63,32 @@ def test_install_creates_no_langfuse_client() -> None:
     finally:
         uninstall(app)
         client._client = saved
+
+
+def test_a_worker_main_process_loads_the_exporters_http_client_for_its_pool() -> None:
+    # Prefork children inherit what the main process imported before the pool forked:
+    # the export thread's HTTP client is loaded at worker_init, not by each child at its
+    # first batch, while it runs tasks. A fresh interpreter: this one has it already.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from celery import Celery, signals\n"
+        "from celery_langfuse import install\n"
+        "install(Celery('w'))\n"
+        "print('requests' in sys.modules)\n"
+        "signals.worker_init.send(sender=None)\n"
+        "print('requests' in sys.modules)\n"
+    )
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LANGFUSE_PUBLIC_KEY": "pk-lf-test",
+        "LANGFUSE_SECRET_KEY": "sk-lf-test",
+        "LANGFUSE_BASE_URL": "http://127.0.0.1:9",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"]

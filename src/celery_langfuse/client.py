@@ -34,7 +34,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Status, StatusCode
 
-from .export import SpanExport
+from .export import SpanExport, load_sender
 from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
 from .sampling import new_span_id
 from .spans import (
@@ -121,6 +121,7 @@ def warm_up() -> None:
     if not langfuse_keys_configured():
         return  # nothing would be sent; the first observation warns as before
     try:
+        load_sender()
         if _recorder() is None:
             get_langfuse()
     except Exception:

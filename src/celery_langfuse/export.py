@@ -42,6 +42,13 @@ _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 GZIP_LEVEL = 1
 
 
+def load_sender() -> None:
+    """Import the HTTP client the export thread sends with (about 0.1 s of CPU) ahead of
+    the first batch: in a prefork worker's main process, so that every child inherits
+    it instead of paying for it while it runs tasks."""
+    import requests  # noqa: F401
+
+
 class SpanExport(SpanProcessor):
     """A queue of encoded spans and the thread that sends them (see the module doc)."""
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import client, publish
+from . import client, export, publish
 from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
@@ -114,8 +114,16 @@ def _warm_up(**_: Any) -> None:
     client.warm_up()
 
 
+def _prepare_worker(**_: Any) -> None:
+    """In a worker's main process, before its pool starts: load what every pool
+    process's exporter needs, once, for prefork children to inherit."""
+    if client.langfuse_keys_configured():
+        export.load_sender()
+
+
 _PROCESS_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
     (signals.before_task_publish, on_before_task_publish),
+    (signals.worker_init, _prepare_worker),
     (signals.worker_process_init, _warm_up),
     (signals.worker_process_shutdown, _flush_before_exit),
     (signals.worker_shutdown, _flush_before_exit),
