@@ -76,8 +76,14 @@ from urllib.request import Request, urlopen
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from benchmarks.contenders import CONTENDERS, LABELS  # noqa: E402
-from benchmarks.run import PYTHON, Bench, machine  # noqa: E402
+from benchmarks.contenders import LABELS  # noqa: E402
+from benchmarks.run import (  # noqa: E402
+    PYTHON,
+    Bench,
+    add_bench_arguments,
+    check_contenders,
+    machine,
+)
 
 #: Worker seconds per task under callgrind relative to plain Celery's, roughly: only used
 #: to start the longest runs first, so that parallel jobs end together.
@@ -114,7 +120,7 @@ class Sample:
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    add_bench_arguments(parser)
     parser.add_argument(
         "--tasks",
         default="300,1500",
@@ -126,12 +132,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         type=int,
         default=min(2, os.cpu_count() or 1),
         help="valgrind workers at once (default: 2, or 1 on one core)",
-    )
-    parser.add_argument(
-        "--per-parent",
-        type=int,
-        default=10,
-        help="tasks published per incoming-request span (default 10, as run.py)",
     )
     parser.add_argument(
         "--flush-interval",
@@ -156,28 +156,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "instructions per task by C function (their difference)",
     )
     parser.add_argument(
-        "--worker-loglevel", default="WARNING", help="celery worker -l (default WARNING)"
-    )
-    parser.add_argument(
-        "--redis",
-        default="redis://127.0.0.1:6379",
-        help="Redis server; uses databases 13 (broker) and 14 (marks), deletes only its own keys",
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument(
         "--report-only",
         type=Path,
         metavar="JSON",
         help="measure nothing: write instructions.md again from an instructions.json",
     )
     args = parser.parse_args(argv)
-    chosen = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in chosen if c not in CONTENDERS]
-    if unknown:
-        parser.error(f"unknown contender(s) {unknown}; allowed: {', '.join(CONTENDERS)}")
-    args.contenders = [c for c in CONTENDERS if c in chosen]
-    if "plain" not in args.contenders:
-        parser.error("plain must be among the contenders: ratios are to plain Celery")
+    check_contenders(parser, args)
     try:
         n1, n2 = (int(n) for n in args.tasks.split(","))
     except ValueError:

@@ -52,25 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n-publish", type=int, default=2000, help="publishes timed per process")
     parser.add_argument("--n-worker", type=int, default=1500, help="no-op tasks per worker run")
     parser.add_argument("--n-latency", type=int, default=200, help="latency probes per process")
-    parser.add_argument(
-        "--per-parent",
-        type=int,
-        default=10,
-        help="tasks published per incoming-request span (default 10)",
-    )
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
-    parser.add_argument(
-        "--worker-loglevel",
-        default="WARNING",
-        help="celery worker -l (default WARNING: no per-task log lines)",
-    )
-    parser.add_argument(
-        "--redis",
-        default="redis://127.0.0.1:6379",
-        help="Redis server; uses databases 13 (broker) and 14 (marks), deletes only its own keys",
-    )
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_bench_arguments(parser)
     parser.add_argument(
         "--report-only",
         type=Path,
@@ -85,11 +68,39 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.n_publish, args.n_worker, args.n_latency = 1, 1000, 1000, 50
-    args.contenders = _choices(args.contenders, CONTENDERS, "contender")
     args.workloads = _choices(args.workloads, WORKLOADS, "workload")
+    check_contenders(parser, args)
+    return args
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :class:`Bench` reads, and the contenders; shared with the other
+    benchmark scripts that run workers through it."""
+    parser.add_argument(
+        "--per-parent",
+        type=int,
+        default=10,
+        help="tasks published per incoming-request span (default 10)",
+    )
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument(
+        "--worker-loglevel",
+        default="WARNING",
+        help="celery worker -l (default WARNING: no per-task log lines)",
+    )
+    parser.add_argument(
+        "--redis",
+        default="redis://127.0.0.1:6379",
+        help="Redis server; uses databases 13 (broker) and 14 (marks), deletes only its own keys",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+
+
+def check_contenders(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--contenders`` as a list in the canonical order; plain Celery must be there."""
+    args.contenders = _choices(args.contenders, CONTENDERS, "contender")
     if "plain" not in args.contenders:
         parser.error("plain must be among the contenders: ratios are to plain Celery")
-    return args
 
 
 def _choices(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
