@@ -24,7 +24,9 @@ class Metric:
     higher_is_better: bool
     #: the target for celery-langfuse, in the units of ``compare``
     target: Optional[float]
-    baseline_workload: Optional[str] = None  # where plain's figure comes from
+    #: where plain's figure comes from when plain has no samples of ``workload``
+    #: (results written before plain ran the sink-down block too)
+    baseline_workload: Optional[str] = None
 
     def target_text(self) -> str:
         if self.target is None:
@@ -153,7 +155,11 @@ def summarise(
         series: dict[str, list[Optional[float]]] = {}
         for contender in contenders:
             workload = metric.workload
-            if contender == "plain" and metric.baseline_workload:
+            if (
+                contender == "plain"
+                and metric.baseline_workload
+                and not samples.get(workload, {}).get("plain")
+            ):
                 workload = metric.baseline_workload
             series[contender] = [
                 s.get(metric.field) for s in samples.get(workload, {}).get(contender, [])

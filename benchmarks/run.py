@@ -435,8 +435,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             )
             for workload in args.workloads:
                 for contender in order:
-                    if workload == "sink-down" and contender == "plain":
-                        continue  # plain Celery exports nothing: its "solo" run is the baseline
                     t0 = time.monotonic()
                     result = bench.measure(workload, contender)
                     samples[workload][contender].append(result)
