@@ -216,16 +216,20 @@ class RunRegistry:
             return run
 
 
-def request_headers(request: Any) -> dict[str, Any]:
-    """The trace headers of a task's request, as a plain dict.
+def request_headers(request: Any) -> Mapping[str, Any]:
+    """The trace headers of a task's request (and maybe other custom headers).
 
     A real worker delivers custom message headers both as ``request.headers`` and as
-    request attributes; eager runs only in ``request.headers``. Reads try both. Header
-    names are not identifiers ("x-langfuse-trace-id"), so as request attributes they can
-    only be entries of the instance dict: reading that dict avoids an AttributeError
-    for every header a message does not carry, on every task.
+    request attributes; eager runs only in ``request.headers``. When ``request.headers``
+    carries this library's ids it is what the producer wrote and is read as it is (the
+    usual case, on every task); otherwise reads try both. Header names are not
+    identifiers ("x-langfuse-trace-id"), so as request attributes they can only be
+    entries of the instance dict: reading that dict avoids an AttributeError for every
+    header a message does not carry.
     """
     delivered = _custom_headers(request)
+    if headers.TRACE_ID in delivered or headers.TRACEPARENT in delivered:
+        return delivered
     attributes: Mapping[str, Any] = getattr(request, "__dict__", None) or {}
     found = {}
     for name in headers.ALL_HEADERS:
