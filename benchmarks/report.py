@@ -92,6 +92,26 @@ METRICS = (
         False,
         0.3,
     ),
+    Metric(
+        "prefork_main_cpu",
+        "prefork: main process CPU per task",
+        "prefork",
+        "main_cpu_us_per_task",
+        "µs",
+        "ratio",
+        False,
+        None,
+    ),
+    Metric(
+        "prefork_pool_cpu",
+        "prefork: pool processes' CPU per task",
+        "prefork",
+        "pool_cpu_us_per_task",
+        "µs",
+        "ratio",
+        False,
+        None,
+    ),
     Metric("peak_rss", "worker peak RSS (solo)", "solo", "peak_rss_mb", "MB", "added", False, 25),
     Metric(
         "rss_growth",
@@ -169,6 +189,8 @@ def summarise(
             for contender, values in series.items()
             if (present := [v for v in values if v is not None])
         }
+        if not medians:
+            continue  # a field that results of older runs do not have
         base = series.get("plain", [])
         compared = {}
         for contender, value in medians.items():

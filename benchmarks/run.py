@@ -279,14 +279,21 @@ class Bench:
             )
             env = self.env(contender, queue=queue, pool=pool, sink_down=sink_down)
             deadline = time.monotonic() + 120 + n / 50
+            cpu_at_start: Optional[dict[int, float]] = None
             with self.worker(env, queue, pool) as process:
                 while True:
                     marks = [json.loads(item) for item in self.results.lrange(key, 0, -1)]
-                    if any(m["label"] == "end" for m in marks):
+                    labels = {m["label"] for m in marks}
+                    if cpu_at_start is None and "start" in labels:
+                        cpu_at_start = _group_cpu(process.pid)
+                    if "end" in labels:
+                        cpu_at_end = _group_cpu(process.pid)
                         break
                     if process.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"{contender} {pool} worker did not finish")
-                    time.sleep(0.25)
+                    # Often until the start mark, so that the CPU the processes have used
+                    # by then is read close to it; idle time after the end costs no CPU.
+                    time.sleep(0.01 if cpu_at_start is None else 0.25)
         finally:
             self.cleanup(queue, key)
         by_label = {m["label"]: m for m in marks}
@@ -305,6 +312,15 @@ class Bench:
         result["heap_objects"] = start["gc_objects"]
         if pool == "solo" and "cpu_after_flush" in end:
             result["cpu_us_per_task"] = (end["cpu_after_flush"] - start["cpu"]) / n * 1e6
+        if pool == "prefork" and cpu_at_start is not None:
+            # Where a prefork worker's CPU goes: its main process (reads messages, hands
+            # them to the pool, reads results) and its pool processes (run the tasks).
+            used = {
+                pid: cpu - cpu_at_start.get(pid, 0.0) for pid, cpu in cpu_at_end.items()
+            }
+            main = used.pop(process.pid, 0.0)
+            result["main_cpu_us_per_task"] = main / n * 1e6
+            result["pool_cpu_us_per_task"] = sum(used.values()) / n * 1e6
         return result
 
     def latency(self, contender: str) -> dict[str, Any]:
@@ -339,6 +355,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _group_cpu(group: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each process of process group
+    ``group`` (a worker started in a session of its own, and its pool processes)."""
+    used = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if int(fields[2]) == group:
+            used[int(entry)] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return used
 
 
 def _stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
