@@ -210,7 +210,11 @@ def summarise(
                 compared[contender] = statistics.median(mine - theirs for mine, theirs in pairs)
         if "plain" in medians and metric.compare != "value":
             compared["plain"] = 1.0 if metric.compare == "ratio" else 0.0
-        entry: dict[str, Any] = {"medians": medians, "compared": compared}
+        entry: dict[str, Any] = {
+            "medians": medians,
+            "compared": compared,
+            "reps": sum(1 for v in base if v is not None),  # plain's samples: the pairs' bound
+        }
         ours = compared.get(OURS)
         if ours is not None:
             if metric.target is not None:
@@ -255,13 +259,16 @@ def markdown(doc: dict[str, Any]) -> str:
     contenders = doc["settings"]["contenders"]
     machine = doc["machine"]
     out = []
+    pooled = doc.get("pooled_from")
+    runs = f", pooled from {len(pooled)} runs" if pooled else ""
     out.append(
-        f"{doc['settings']['reps']} interleaved repetitions; plain Celery as the median "
-        "in absolute terms, the others relative to it (× time or rate, or added ms/MB): "
-        "the median of each repetition's comparison with plain Celery's figure from the "
-        "same repetition. **Bold**: best of the tracers.\n"
+        f"{doc['settings']['reps']} interleaved repetitions{runs}; plain Celery as the "
+        "median in absolute terms, the others relative to it (× time or rate, or added "
+        "ms/MB): the median of each repetition's comparison with plain Celery's figure "
+        "from the same repetition. **Bold**: best of the tracers. *n*: the repetitions "
+        "that measured the row.\n"
     )
-    header = ["workload"] + [LABELS[c] for c in contenders] + ["target (ours)"]
+    header = ["workload", "n"] + [LABELS[c] for c in contenders] + ["target (ours)"]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
     for metric in METRICS:
@@ -274,7 +281,7 @@ def markdown(doc: dict[str, Any]) -> str:
         else:
             pick = max if metric.higher_is_better else min
             best = pick(tracers.items(), key=lambda kv: kv[1], default=(None, 0))[0]
-        cells = [metric.title]
+        cells = [metric.title, str(entry.get("reps", "-"))]
         for contender in contenders:
             if contender not in entry["compared"]:
                 cells.append("-")
