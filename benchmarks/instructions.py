@@ -78,11 +78,11 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from benchmarks.contenders import LABELS  # noqa: E402
 from benchmarks.run import (  # noqa: E402
-    PYTHON,
     Bench,
     add_bench_arguments,
     check_contenders,
     machine,
+    worker_command,
 )
 
 #: Worker seconds per task under callgrind relative to plain Celery's, roughly: only used
@@ -271,7 +271,7 @@ class Runner:
             "--separate-threads=no",
             f"--callgrind-out-file={outdir}/cg.%p.out",
             f"--log-file={outdir}/valgrind.log",
-            *worker_command(queue, self.args.worker_loglevel),
+            *worker_command(queue, "solo", self.args.worker_loglevel),
         ]
         timeout = self.args.timeout or 180 + 0.5 * job.tasks
         log_path = outdir / "worker.log"
@@ -423,29 +423,6 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
         with suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-def worker_command(queue: str, loglevel: str) -> list[str]:
-    """The solo worker of ``run.py``, with this interpreter."""
-    return [
-        PYTHON,
-        "-m",
-        "celery",
-        "-A",
-        "benchmarks.app",
-        "worker",
-        "-P",
-        "solo",
-        "-Q",
-        queue,
-        "-n",
-        f"{queue}@%h",
-        "-l",
-        loglevel,
-        "--without-mingle",
-        "--without-gossip",
-        "--without-heartbeat",
-    ]
 
 
 def callgrind_total(path: Path) -> int:

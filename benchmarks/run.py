@@ -202,29 +202,9 @@ class Bench:
         self, env: dict[str, str], queue: str, pool: str
     ) -> Iterator[subprocess.Popen[bytes]]:
         log_path = self.workdir / f"worker-{queue}.log"
-        extra = ["-c", "2"] if pool == "prefork" else []
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
-                [
-                    PYTHON,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "benchmarks.app",
-                    "worker",
-                    "-P",
-                    pool,
-                    *extra,
-                    "-Q",
-                    queue,
-                    "-n",
-                    f"{queue}@%h",
-                    "-l",
-                    self.args.worker_loglevel,
-                    "--without-mingle",
-                    "--without-gossip",
-                    "--without-heartbeat",
-                ],
+                worker_command(queue, pool, self.args.worker_loglevel),
                 cwd=ROOT,
                 env=env,
                 stdout=log_file,
@@ -349,6 +329,31 @@ class Bench:
         if workload == "sink-down":
             return self.worker_run(contender, "solo", sink_down=True)
         raise ValueError(workload)
+
+
+def worker_command(queue: str, pool: str, loglevel: str) -> list[str]:
+    """``celery worker`` for the benchmark app on ``queue``, with this interpreter:
+    ``-P solo`` or ``-P prefork -c 2``, no mingle, gossip or heartbeat."""
+    return [
+        PYTHON,
+        "-m",
+        "celery",
+        "-A",
+        "benchmarks.app",
+        "worker",
+        "-P",
+        pool,
+        *(["-c", "2"] if pool == "prefork" else []),
+        "-Q",
+        queue,
+        "-n",
+        f"{queue}@%h",
+        "-l",
+        loglevel,
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+    ]
 
 
 def _free_port() -> int:
