@@ -595,10 +595,10 @@ def _extract(message_headers: Mapping[str, Any], task_id: Any) -> headers.Extrac
     return extracted
 
 
-def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> Optional[CronHealth]:
+def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> CronHealth:
+    """The health a run that celery beat sent reports (``extracted.cron`` is set)."""
     cron = extracted.cron
-    if cron is None:
-        return None
+    assert cron is not None  # the caller checks: most runs are not cron runs
     lateness = None
     if cron.due_at is not None and not getattr(request, "retries", 0):
         lateness = max(time.time() - cron.due_at, 0.0)
