@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -164,17 +165,44 @@ def _durable_exporter(durable: Optional[DurableExport]) -> Any:
 
 
 def sdk_client_exists() -> bool:
-    """Whether a Langfuse client already exists in this process (the user's or ours).
+    """Whether a Langfuse client already exists in this process (the user's or ours)."""
+    return bool(sdk_resource_managers())
 
-    The SDK has no public way to ask this without creating one; this reads its private
-    registry. Kept in this one function and covered by tests/test_sdk_contract.py.
+
+def sdk_resource_managers() -> list[Any]:
+    """The resource managers of every Langfuse client in this process (one per public
+    key: the user's, made before or after ``install()``, and this library's), without
+    creating one or importing the SDK.
+
+    The SDK has no public way to list its clients; this reads its private registry.
+    Kept in this one function and covered by tests/test_sdk_contract.py.
     """
     if "langfuse" not in sys.modules:
-        return False
+        return []
     from langfuse._client.resource_manager import LangfuseResourceManager
 
     with LangfuseResourceManager._lock:
-        return bool(LangfuseResourceManager._instances)
+        return list(LangfuseResourceManager._instances.values())
+
+
+def _queued_spans(provider: Any) -> Optional[int]:
+    """Ended spans waiting in the batch processors of an OTel SDK tracer provider, or
+    None when they cannot be counted. OTel has no public count; this reads the
+    provider's processor list and each batch processor's queue. Only for the warning
+    of a flush that gave up; covered by tests/test_sdk_contract.py."""
+    try:
+        processors = provider._active_span_processor._span_processors
+        total = 0
+        for processor in processors:
+            if isinstance(processor, SpanExport):
+                total += processor.queued()
+                continue
+            batch = getattr(processor, "_batch_processor", None)
+            if batch is not None:
+                total += len(batch._queue)
+        return total
+    except Exception:
+        return None
 
 
 def langfuse_keys_configured() -> bool:
@@ -216,37 +244,84 @@ def _shutdown_at_exit() -> None:
 
 
 def flush(timeout: float, *, shutdown: bool = False) -> bool:
-    """Flush (or shut down) the client and this library's exporters, giving up after
-    ``timeout`` seconds.
+    """Flush (or shut down) everything in this process that holds ended observations,
+    giving up after ``timeout`` seconds: this library's exporters, every Langfuse
+    client (the user's too, however and whenever it was made) and the OTel tracer
+    provider the SDK registered (with any span processor the user added to it).
 
-    Returns True when everything was sent in time. Never raises. Without a client or
-    an exporter there is nothing buffered, so this does not create one.
+    Returns True when everything was sent in time. Never raises. When the deadline
+    passes, one warning says how many observations were still waiting. Creates
+    nothing: with no client and no exporter there is nothing buffered.
     """
-    client, exports = _client, list(_exports)
-    if client is None and not exports:
+    holders = _holders()
+    if holders.empty:
         return True
     done = threading.Event()
 
     def run() -> None:
         try:
-            _send_buffered(client, exports, timeout, shutdown)
+            _send_buffered(holders, timeout, shutdown)
         finally:
             done.set()
 
-    # A daemon thread: if the exporter is stuck on an unreachable Langfuse, the
+    # A daemon thread: if an exporter is stuck on an unreachable Langfuse, the
     # process may still exit once the deadline has passed.
     started = time.monotonic()
     threading.Thread(target=run, name="celery-langfuse-flush", daemon=True).start()
     finished = done.wait(timeout)
     if not finished:
+        waiting = holders.waiting()
         log.warning(
             "celery-langfuse: Langfuse did not accept buffered observations within %.1f s; "
-            "giving up so shutdown is not delayed",
+            "giving up on %s observation(s) so shutdown is not delayed",
             timeout,
+            "an unknown number of" if waiting is None else waiting,
         )
     else:
         log.debug("celery-langfuse: flushed in %.3f s", time.monotonic() - started)
     return finished
+
+
+@dataclass(frozen=True)
+class _Holders:
+    """What holds ended observations in this process, found when a flush starts."""
+
+    #: The SDK's resource managers: one per Langfuse client (public key) in the process.
+    clients: tuple[Any, ...]
+    #: Tracer providers no client flushes: the global one when the user built it.
+    providers: tuple[Any, ...]
+    exports: tuple[SpanExport, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.clients or self.providers or self.exports)
+
+    def waiting(self) -> Optional[int]:
+        """Observations still queued, or None when a queue cannot be read."""
+        total = sum(export.queued() for export in self.exports)
+        for provider in {id(p): p for p in self.tracer_providers()}.values():
+            queued = _queued_spans(provider)
+            if queued is None:
+                return None
+            total += queued
+        return total
+
+    def tracer_providers(self) -> list[Any]:
+        found = [getattr(c, "tracer_provider", None) for c in self.clients]
+        return [p for p in (*found, *self.providers) if p is not None]
+
+
+def _holders() -> _Holders:
+    clients = tuple(sdk_resource_managers())
+    flushed_by_clients = {id(getattr(c, "tracer_provider", None)) for c in clients}
+    global_provider = otel_trace.get_tracer_provider()
+    providers: tuple[Any, ...] = ()
+    if (
+        id(global_provider) not in flushed_by_clients
+        and callable(getattr(global_provider, "force_flush", None))
+    ):
+        providers = (global_provider,)
+    return _Holders(clients, providers, tuple(_exports))
 
 
 _background_flush: Optional[threading.Thread] = None
@@ -260,23 +335,28 @@ def flush_in_background() -> None:
     a time, so an unreachable Langfuse can never pile up threads.
     """
     global _background_flush
+    holders = _holders()
     with _lock:
-        client, exports, running = _client, list(_exports), _background_flush
-        if (client is None and not exports) or (running is not None and running.is_alive()):
+        running = _background_flush
+        if holders.empty or (running is not None and running.is_alive()):
             return
         _background_flush = threading.Thread(
             target=_send_buffered,
-            args=(client, exports, 30.0, False),
+            args=(holders, 30.0, False),
             name="celery-langfuse-flush",
             daemon=True,
         )
         _background_flush.start()
 
 
-def _send_buffered(client: Any, exports: list[SpanExport], timeout: float, shutdown: bool) -> None:
-    if client is not None:
-        _call_logged(client.shutdown if shutdown else client.flush)
-    for export in exports:  # those on the client's provider were flushed with it
+def _send_buffered(holders: _Holders, timeout: float, shutdown: bool) -> None:
+    # Clients first: their provider's flush also reaches this library's exporter
+    # where it is registered on it as a span processor.
+    for manager in holders.clients:
+        _call_logged(manager.shutdown if shutdown else manager.flush)
+    for provider in holders.providers:
+        _call_logged(partial(provider.force_flush, int(timeout * 1000)))
+    for export in holders.exports:
         try:
             if shutdown:
                 export.shutdown()
@@ -286,7 +366,7 @@ def _send_buffered(client: Any, exports: list[SpanExport], timeout: float, shutd
             log.warning("celery-langfuse: flushing observations failed", exc_info=True)
 
 
-def _call_logged(action: Callable[[], None]) -> None:
+def _call_logged(action: Callable[[], object]) -> None:
     try:
         action()
     except Exception:

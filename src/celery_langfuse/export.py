@@ -113,6 +113,10 @@ class SpanExport(SpanProcessor):
         )
         self._thread.start()
 
+    def queued(self) -> int:
+        """Spans waiting to be sent (a batch being sent counts as sent)."""
+        return len(self._queue)
+
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         """Send everything queued now; True when it was sent (or dropped) in time."""
         done = threading.Event()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -247,6 +248,9 @@ class WorkerTracing:
     def __init__(self, config: TracingConfig) -> None:
         self.config = config
         self.runs = RunRegistry(config.max_open_runs)
+        #: Task ids whose lost run the main process recorded: Celery may report one
+        #: loss twice (a hard time limit: by its timeout handler, then by the pool).
+        self._recorded_losses: OrderedDict[str, None] = OrderedDict()
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -281,6 +285,8 @@ class WorkerTracing:
         if run is None and isinstance(exception, _PROCESS_DIED) and task_id:
             # Sent in the main worker process: the pool child that ran the task was
             # killed (SIGKILL, OOM, hard time limit) and its open run died with it.
+            if not self._first_report_of_loss(task_id):
+                return
             self._record_unrun(
                 getattr(sender, "name", None) or "task",
                 _request_headers(sender, task_id),
@@ -294,6 +300,15 @@ class WorkerTracing:
         if run.observation is not None or run.sampled_out is not None:
             traceback = str(getattr(einfo, "traceback", "") or "")
             run.traceback = traceback[-self.config.max_payload_chars :]
+
+    def _first_report_of_loss(self, task_id: str) -> bool:
+        losses = self._recorded_losses
+        if task_id in losses:
+            return False
+        losses[task_id] = None
+        if len(losses) > _REMEMBERED_LOSSES:
+            losses.popitem(last=False)
+        return True
 
     def on_task_postrun(
         self,
@@ -579,6 +594,7 @@ class WorkerTracing:
 
 _HOSTNAME = socket.gethostname()
 _PROCESS_DIED = (WorkerLostError, TimeLimitExceeded)
+_REMEMBERED_LOSSES = 1024
 
 
 def _extract(message_headers: Mapping[str, Any], task_id: Any) -> headers.Extracted:
@@ -662,6 +678,33 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         observation.update(level="WARNING", status_message=config.payload.text(status))
     elif state == states.IGNORED:
         observation.update(status_message="ignored")
+    elif state is None:
+        interrupted = sys.exc_info()[1]
+        if interrupted is not None:
+            observation.update(level="ERROR", status_message=_describe_interruption(interrupted))
+
+
+def _pool_terminated_this_process() -> bool:
+    """Whether billiard's terminate handler has fired in this process (billiard >= 4.2
+    has ``terminate_handler_fired``; older ones cannot say)."""
+    try:
+        from billiard.common import terminate_handler_fired
+    except ImportError:
+        return False
+    return bool(terminate_handler_fired())
+
+
+def _describe_interruption(error: BaseException) -> str:
+    """A run unwound by SystemExit or KeyboardInterrupt, which Celery does not record as
+    a task outcome: in a prefork child, billiard raises SystemExit from its SIGTERM
+    handler when the main process terminates the child (a hard time limit, a cold
+    shutdown); the child then exits through its normal path, which flushes."""
+    if isinstance(error, SystemExit) and _pool_terminated_this_process():
+        return (
+            "terminated while running: the worker ended its pool process "
+            "(hard time limit or cold shutdown)"
+        )
+    return f"interrupted: {describe_exception(error)}"
 
 
 def _failure_metadata(

@@ -46,7 +46,21 @@ app.conf.update(
     redbeat_redis_url=app.conf.broker_url,
     redbeat_key_prefix=f"redbeat-{QUEUE}:",
     redbeat_lock_timeout=10,
+    # Re-read the schedule at least once a second (beat's --max-interval 1), also for
+    # beat embedded in a worker (-B), which has no such option.
+    beat_max_loop_interval=1,
 )
 
 if os.environ.get("CELERY_LANGFUSE_TEST_BEAT_TRACING") == "off":
     uninstall(app)
+
+if os.environ.get("CELERY_LANGFUSE_TEST_BEAT_USER_OBSERVATION") == "1":
+    from celery import signals
+
+    @signals.before_task_publish.connect(weak=False)
+    def _user_code_in_beat(**_: Any) -> None:
+        """User code that observes in beat: inside each cron run, as beat publishes."""
+        from langfuse import get_client
+
+        with get_client().start_as_current_observation(name="user code in beat"):
+            pass

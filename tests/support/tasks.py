@@ -30,6 +30,8 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
     result_expires=300,
+    # Celery >= 5.5's soft shutdown, for the exit-path tests (0: off, Celery's default).
+    worker_soft_shutdown_timeout=float(os.environ.get("CELERY_LANGFUSE_TEST_SOFT_SHUTDOWN", "0")),
 )
 if os.environ.get("CELERY_LANGFUSE_TEST_INSTALL", "1") == "1":
     _durable_url = os.environ.get("CELERY_LANGFUSE_TEST_DURABLE_URL")

@@ -1,0 +1,402 @@
+"""Observations made by user code inside tasks survive every way a worker process ends.
+
+Each test runs real ``celery worker`` subprocesses whose tasks observe with the Langfuse
+SDK (tests/support/user_tasks.py), with ``LANGFUSE_FLUSH_INTERVAL=30``: nothing leaves
+a process on the export timer during the test, so what arrives was sent by the exit
+path under test. Each counts: N observations opened by user code, N arrive, each a
+child of its task run, in the run's trace. Nothing is waited for after a worker stops:
+a process that exited has sent everything it is going to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from threading import Thread
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer, Observation
+from tests.conftest import REDIS_URL, WorkerProcess, beat_process, worker_process
+
+pytestmark = pytest.mark.timeout(150)
+
+USER_TASKS = "tests.support.user_tasks"
+#: Nothing is exported on the timer while a test runs: only exit paths send.
+HOLD = {"LANGFUSE_FLUSH_INTERVAL": "30", "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "5"}
+
+
+def user_observations(
+    capture: CaptureServer, results: Sequence[Any], task: str, name: str
+) -> tuple[int, list[str]]:
+    """How many of the runs in ``results`` have exactly one child observation named
+    ``name.format(n=<index>)`` in their own trace; and what is wrong with the others."""
+    observations = capture.observations
+    runs = {o.metadata.get("task_id"): o for o in observations if o.name == f"{USER_TASKS}.{task}"}
+    problems = []
+    for n, result in enumerate(results):
+        run = runs.get(result.id)
+        if run is None:
+            problems.append(f"run {n} ({result.id}) did not arrive")
+            continue
+        expected = name.format(n=n)
+        children = [o for o in observations if o.parent_id == run.id and o.name == expected]
+        if len(children) != 1:
+            problems.append(f"run {n}: {len(children)} child(ren) named {expected!r}")
+        elif children[0].trace_id != run.trace_id:
+            problems.append(f"run {n}: {expected!r} is in another trace")
+    names = {name.format(n=n) for n in range(len(results))}
+    made = [o for o in observations if o.name in names]
+    if len(made) != len(results):  # none elsewhere, none twice
+        problems.append(f"{len(made)} observations named {sorted(names)[:3]}...")
+    return len(results) - len(problems), problems
+
+
+def assert_all_arrived(
+    capture: CaptureServer,
+    results: Sequence[Any],
+    task: str,
+    name: str,
+    worker: WorkerProcess,
+) -> None:
+    arrived, problems = user_observations(capture, results, task, name)
+    assert problems == [], f"{arrived}/{len(results)} arrived\n" + "\n".join(problems) + (
+        "\n--- worker log ---\n" + worker.log()[-4000:]
+    )
+
+
+def wait_until_running(key: str, count: int, worker: WorkerProcess, timeout: float = 20) -> None:
+    redis = Redis.from_url(REDIS_URL)
+    deadline = time.monotonic() + timeout
+    while int(redis.get(key) or 0) < count:
+        assert time.monotonic() < deadline, worker.log()
+        time.sleep(0.02)
+
+
+# -- a fake OpenAI-compatible server (the real openai package calls it) -------------
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        question = request["messages"][-1]["content"]
+        body = json.dumps(
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": request["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": f"answer to {question}"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11},
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- prefork ---------------------------------------------------------------------
+
+WAYS_OF_OBSERVING = {
+    # task: name of the observation it makes, for run n
+    "llm_call": "llm {n}",
+    "observed": "observed step",
+    "openai_call": "openai {n}",
+}
+
+
+@pytest.mark.parametrize("task", list(WAYS_OF_OBSERVING))
+def test_prefork_warm_shutdown_right_after_the_last_task_keeps_every_user_observation(
+    task: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path, fake_openai: str
+) -> None:
+    from tests.support import user_tasks
+
+    env = {**HOLD, "CELERY_LANGFUSE_TEST_OPENAI_URL": fake_openai}
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2", env=env, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        results = [
+            getattr(user_tasks, task).apply_async((n,), queue=worker.queue) for n in range(10)
+        ]
+        for result in results:
+            result.get(timeout=30)
+        worker.stop()
+    assert_all_arrived(capture, results, task, WAYS_OF_OBSERVING[task], worker)
+
+
+def test_children_recycled_after_every_task_keep_every_user_observation(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    from tests.support import user_tasks
+
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2", "--max-tasks-per-child", "1",
+        env=HOLD, tmp_path=tmp_path, module=USER_TASKS,
+    ) as worker:
+        results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(20)]
+        assert [r.get(timeout=60) for r in results] == list(range(20))
+        # Every child but the two last ones has exited by now, by os._exit.
+        worker.stop()
+    assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+
+
+def test_children_recycled_for_memory_keep_every_user_observation(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    from tests.support import user_tasks
+
+    # Each task keeps 120 MB: past the 100 MB limit, so its child is replaced after it.
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "1", "--max-memory-per-child", str(100 * 1024),
+        env=HOLD, tmp_path=tmp_path, module=USER_TASKS,
+    ) as worker:
+        results = [
+            user_tasks.llm_call.apply_async((n, 120), queue=worker.queue) for n in range(4)
+        ]
+        pids = [r.get(timeout=60) for r in results]
+        worker.stop()
+    assert len(set(pids)) == 4, pids  # each task ran in a fresh child
+    assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+
+
+def test_soft_time_limit_keeps_every_user_observation(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    from tests.support import user_tasks
+
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2", env=HOLD, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        results = [
+            user_tasks.llm_then_sleep.apply_async((n, 10), soft_time_limit=0.5, queue=worker.queue)
+            for n in range(4)
+        ]
+        assert [r.get(timeout=30) for r in results] == ["soft limit"] * 4
+        worker.stop()
+    assert_all_arrived(capture, results, "llm_then_sleep", "llm {n}", worker)
+
+
+def test_hard_time_limit_keeps_the_killed_runs_observations_and_earlier_ones(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """Billiard ends the child with SIGTERM, then SIGKILL 0.1 s later: the child ends
+    its open run as an ERROR and flushes in between."""
+    from tests.support import user_tasks
+
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "1", env=HOLD, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(3)]
+        assert [r.get(timeout=30) for r in done] == [0, 1, 2]
+        killed = [
+            user_tasks.llm_then_hang.apply_async((n, 30), time_limit=1, queue=worker.queue)
+            for n in range(3, 5)
+        ]
+        for result in killed:
+            with pytest.raises(Exception, match="TimeLimitExceeded"):
+                result.get(timeout=30)
+        worker.stop()
+    assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
+    for n, result in enumerate(killed, start=3):
+        [generation] = [o for o in capture.observations if o.name == f"llm {n}"]
+        [run] = [o for o in capture.observations if o.id == generation.parent_id]
+        assert (run.metadata.get("task_id"), run.trace_id) == (result.id, generation.trace_id)
+        assert run.level == "ERROR"
+        assert "terminated while running" in (run.status_message or "")
+
+
+def test_cold_shutdown_keeps_the_observations_of_finished_tasks(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """SIGQUIT: the pool children are terminated at once. Finished tasks' observations
+    are flushed by each child as it is terminated; the running task's run is ended as
+    an ERROR with the observations it had finished (its still-open ones are lost)."""
+    from tests.support import user_tasks
+
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2", env=HOLD, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(6)]
+        assert [r.get(timeout=30) for r in done] == list(range(6))
+        running = user_tasks.llm_then_hang.apply_async((6, 30), queue=worker.queue)
+        capture_deadline = time.monotonic() + 20
+        while not _worker_log_shows(worker, running.id) and time.monotonic() < capture_deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # inside the task's sleep, after its generation ended
+        worker.process.send_signal(signal.SIGQUIT)
+        worker.process.wait(30)
+    assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
+    [generation] = [o for o in capture.observations if o.name == "llm 6"]
+    [run] = [o for o in capture.observations if o.id == generation.parent_id]
+    assert (run.metadata.get("task_id"), run.trace_id) == (running.id, generation.trace_id)
+    assert run.level == "ERROR"
+    assert "terminated while running" in (run.status_message or "")
+
+
+def _worker_log_shows(worker: WorkerProcess, task_id: str) -> bool:
+    return f"[{task_id}] received" in worker.log()
+
+
+def test_soft_shutdown_lets_running_tasks_finish_and_keeps_their_observations(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """Celery >= 5.5: a cold shutdown request first waits ``--soft-shutdown-timeout``
+    seconds for running tasks (soft shutdown), then goes on as a cold shutdown."""
+    from tests.support import user_tasks
+
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2",
+        env={**HOLD, "CELERY_LANGFUSE_TEST_SOFT_SHUTDOWN": "10"},
+        tmp_path=tmp_path, module=USER_TASKS,
+    ) as worker:
+        results = [
+            user_tasks.llm_then_sleep.apply_async((n, 1.5), queue=worker.queue) for n in range(2)
+        ]
+        deadline = time.monotonic() + 20
+        while not all(_worker_log_shows(worker, r.id) for r in results):
+            assert time.monotonic() < deadline, worker.log()
+            time.sleep(0.05)
+        time.sleep(0.3)
+        worker.process.send_signal(signal.SIGQUIT)
+        worker.process.wait(30)
+    assert [r.get(timeout=5) for r in results] == ["slept"] * 2
+    assert_all_arrived(capture, results, "llm_then_sleep", "llm {n}", worker)
+
+
+def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """SIGKILL gives a process no chance to flush: what the child had buffered is lost,
+    what it had sent stays, and the main process closes the run (test_prefork.py)."""
+    from tests.support import user_tasks
+
+    env = {"LANGFUSE_FLUSH_INTERVAL": "0.1"}  # sent within 0.1 s of ending
+    pid_key = f"celery-langfuse-test-pid-{uuid.uuid4().hex}"
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(3)]
+        assert [r.get(timeout=30) for r in done] == [0, 1, 2]
+        capture.wait_for(
+            lambda s: len([o for o in s.observations if o.name.startswith("llm ")]) == 3,
+            timeout=10,
+        )
+        doomed = tasks_app.report_pid_and_sleep.apply_async((pid_key, 60), queue=worker.queue)
+        redis = Redis.from_url(REDIS_URL)
+        deadline = time.monotonic() + 20
+        while (pid := redis.get(pid_key)) is None:
+            assert time.monotonic() < deadline, worker.log()
+            time.sleep(0.05)
+        os.kill(int(pid), signal.SIGKILL)
+        with pytest.raises(Exception, match="Worker exited prematurely"):
+            doomed.get(timeout=20)
+        worker.stop()
+    assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
+
+
+def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    from tests.support import user_tasks
+
+    env = {
+        **HOLD,
+        # No keys in the environment: the client is made in code, before install().
+        "LANGFUSE_PUBLIC_KEY": "",
+        "LANGFUSE_SECRET_KEY": "",
+        "LANGFUSE_BASE_URL": "",
+        "CELERY_LANGFUSE_TEST_EXPLICIT_PUBLIC_KEY": PUBLIC_KEY,
+        "CELERY_LANGFUSE_TEST_EXPLICIT_SECRET_KEY": SECRET_KEY,
+        "CELERY_LANGFUSE_TEST_EXPLICIT_BASE_URL": capture.base_url,
+        "CELERY_LANGFUSE_TEST_EXPLICIT_FLUSH_INTERVAL": "30",
+    }
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2", "--max-tasks-per-child", "2",
+        env=env, tmp_path=tmp_path, module="tests.support.explicit_keys",
+    ) as worker:
+        results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(8)]
+        assert [r.get(timeout=30) for r in results] == list(range(8))
+        worker.stop()
+    assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+
+
+# -- the other pools -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "gevent", "eventlet"])
+def test_warm_shutdown_right_after_the_last_task_keeps_every_user_observation(
+    pool: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    from tests.support import user_tasks
+
+    concurrency = "1" if pool == "solo" else "4"
+    with worker_process(
+        capture.env, "-P", pool, "-c", concurrency, env=HOLD, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(10)]
+        assert [r.get(timeout=30) for r in results] == list(range(10))
+        worker.stop()
+    assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+
+
+# -- beat ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("embedded", [False, True], ids=["beat", "worker-B"])
+def test_beat_exit_keeps_the_cron_roots_and_what_user_code_in_beat_observed(
+    embedded: bool, tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """User code in beat (here a ``before_task_publish`` handler that opens an
+    observation, tests/support/beat_app.py) observes inside each cron run."""
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    env = {**HOLD, "CELERY_LANGFUSE_TEST_BEAT_USER_OBSERVATION": "1"}
+    if embedded:
+        context = worker_process(
+            capture.env, "-B", "-s", str(tmp_path / "schedule"),
+            queue=queue, env=env, tmp_path=tmp_path, module="tests.support.beat_app",
+        )
+    else:
+        context = beat_process(capture.env, queue=queue, env=env, tmp_path=tmp_path)
+    with context as beat:
+        deadline = time.monotonic() + 30
+        while beat.log().count("Sending due task") < 3:
+            assert time.monotonic() < deadline, beat.log()
+            time.sleep(0.1)
+        beat.stop()
+    sent = beat.log().count("Sending due task")
+    roots = [o for o in capture.observations if o.name == f"cron tick-{queue}"]
+    user = [o for o in capture.observations if o.name == "user code in beat"]
+    # Beat may send one more after its last log line was read; the log is the count.
+    assert len(roots) == sent, beat.log()[-3000:]
+    assert sorted(o.parent_id or "" for o in user) == sorted(o.id for o in roots)
