@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
-from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer, Observation
+from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
 from tests.conftest import REDIS_URL, WorkerProcess, beat_process, worker_process
 
 pytestmark = pytest.mark.timeout(150)
@@ -325,13 +326,17 @@ def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
     assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
 
 
+@pytest.mark.parametrize("exporter", ["sdk", "custom"])
 def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
-    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+    exporter: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
+    """The user's client, with its keys in code and no LANGFUSE_* variables, with the
+    SDK's exporter or one of the user's own: flushed, never replaced."""
     from tests.support import user_tasks
 
     env = {
         **HOLD,
+        "CELERY_LANGFUSE_TEST_EXPLICIT_EXPORTER": "1" if exporter == "custom" else "",
         # No keys in the environment: the client is made in code, before install().
         "LANGFUSE_PUBLIC_KEY": "",
         "LANGFUSE_SECRET_KEY": "",
@@ -349,6 +354,24 @@ def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
         assert [r.get(timeout=30) for r in results] == list(range(8))
         worker.stop()
     assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+
+
+def test_langfuse_slow_at_exit_bounds_shutdown_and_says_what_it_gave_up(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    from tests.support import user_tasks
+
+    capture.set_response(200, delay=30)  # Langfuse answers nothing in time
+    env = {**HOLD, "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "2"}
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(5)]
+        assert [r.get(timeout=30) for r in results] == list(range(5))
+        shutdown_seconds = worker.stop()
+    # the child's flush deadline, then the main process's, plus Celery's own shutdown
+    assert shutdown_seconds < 2 * 2 + 4, worker.log()
+    assert re.search(r"giving up on \d+ observation\(s\)", worker.log()), worker.log()[-3000:]
 
 
 # -- the other pools -------------------------------------------------------------
@@ -400,3 +423,76 @@ def test_beat_exit_keeps_the_cron_roots_and_what_user_code_in_beat_observed(
     # Beat may send one more after its last log line was read; the log is the count.
     assert len(roots) == sent, beat.log()[-3000:]
     assert sorted(o.parent_id or "" for o in user) == sorted(o.id for o in roots)
+
+
+# -- the web side: API processes with several workers, stopped gracefully ----------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        ["-m", "uvicorn", "tests.support.web_exit_apps:fastapi_app", "--workers", "2",
+         "--host", "127.0.0.1", "--port", "{port}"],
+        ["-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:{port}",
+         "--graceful-timeout", "10", "tests.support.web_exit_apps:flask_app"],
+    ],
+    ids=["uvicorn-workers-2", "gunicorn-preload-w-2"],
+)
+def test_an_api_stopped_gracefully_right_after_its_requests_keeps_every_observation(
+    server: list[str], tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.conftest import ROOT
+
+    port = _free_port()
+    log_path = tmp_path / "api.log"
+    env = {
+        **os.environ,
+        **capture.env,
+        **HOLD,
+        "PYTHONPATH": str(ROOT),
+        "CELERY_LANGFUSE_TEST_BROKER": REDIS_URL,
+        "CELERY_LANGFUSE_TEST_QUEUE": f"q-web-{uuid.uuid4().hex[:8]}",
+    }
+    with open(log_path, "wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, *(part.format(port=port) for part in server)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        n = 12
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
+            for order in range(n):
+                assert http.post(f"/orders/{order}").status_code == 200
+    finally:
+        api.send_signal(signal.SIGTERM)
+        api.wait(30)
+    log_text = log_path.read_text(errors="replace")
+    observations = capture.observations
+    requests = [o for o in observations if o.name.startswith("POST /orders")]
+    assert len(requests) == n, log_text[-3000:]
+    for request in requests:
+        children = sorted(o.name for o in observations if o.parent_id == request.id)
+        assert len(children) == 2 and children[1] == "publish tests.support.tasks.add", children
+        assert children[0].startswith("llm ")
+    assert len({o.name for o in observations if o.name.startswith("llm ")}) == n

@@ -21,6 +21,7 @@ import atexit
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -322,6 +323,35 @@ def _holders() -> _Holders:
     ):
         providers = (global_provider,)
     return _Holders(clients, providers, tuple(_exports))
+
+
+def flush_before_sigterm() -> None:
+    """Make SIGTERM flush (bounded by ``exit_flush_timeout``) before it ends the process,
+    where it would otherwise end it at once, with whatever was buffered.
+
+    SIGTERM's default action kills a process without running ``atexit`` hooks, and
+    servers such as uvicorn (0.29+) re-raise the SIGTERM they handled gracefully after
+    restoring the handler that was in place before they started: every observation
+    of the API process was lost at each deploy. Installed only from the main thread and
+    only while SIGTERM has its default action, so a handler of the application, a
+    server or Celery is never replaced (Celery's and gunicorn's, installed later,
+    replace this one). The process still dies of SIGTERM, after the flush.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _flush_then_terminate)
+    except (ValueError, OSError):  # no signals here (an embedded interpreter)
+        pass
+
+
+def _flush_then_terminate(signum: int, _frame: Any) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+    try:
+        flush(exit_flush_timeout, shutdown=True)
+    finally:
+        os.kill(os.getpid(), signum)
 
 
 _background_flush: Optional[threading.Thread] = None

@@ -219,6 +219,7 @@ def _apply_process_settings() -> None:
         return
     if not _process_connections:
         _connect(_process_connections, *_PROCESS_HANDLERS)
+        client.flush_before_sigterm()
     first = active[0].config
     publish.policy = first.policy
     client.client_settings = client.ClientSettings(

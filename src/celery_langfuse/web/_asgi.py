@@ -9,10 +9,12 @@ dict the middleware passed in. Mounted sub-applications add their prefix to
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import Any, Callable
 
+from .. import client
 from ._core import RequestTrace, WebTracingConfig
 from ._request import IncomingRequest
 
@@ -42,8 +44,12 @@ class LangfuseASGIMiddleware:
     def __init__(self, app: ASGIApp, /, **options: Any) -> None:
         self.app = app
         self.config = WebTracingConfig(**options)
+        client.flush_before_sigterm()  # an API process stopped by SIGTERM keeps its observations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") == "lifespan":
+            await self.app(scope, receive, _flushing_at_shutdown(send))
+            return
         if scope.get("type") != "http" or self.config.excludes(str(scope.get("path", ""))):
             await self.app(scope, receive, send)
             return
@@ -86,6 +92,28 @@ def route_template(scope: Scope, server_root_path: str = "") -> str | None:
     if root_path.startswith(server_root_path):
         mount_prefix = root_path[len(server_root_path) :]
     return (mount_prefix.rstrip("/") + template) or "/"
+
+
+_SHUTDOWN_ANSWERS = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+
+
+def _flushing_at_shutdown(send: Send) -> Send:
+    """``send`` for the lifespan scope: flush before answering the server's shutdown.
+
+    The server's shutdown (after the last request) is the moment to send what the
+    process buffered: a server may end the process without ``atexit`` hooks after it
+    (uvicorn re-raises the SIGTERM it handled; its ``--workers`` processes import the
+    app only after installing their own signal handlers). Bounded by the installation's
+    ``flush_timeout``, off the event loop.
+    """
+
+    async def send_after_flushing(message: Message) -> None:
+        if message.get("type") in _SHUTDOWN_ANSWERS:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, client.flush, client.exit_flush_timeout)
+        await send(message)
+
+    return send_after_flushing
 
 
 def _warn_about_framework_spans(scope: Scope) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
+from .. import client
 from ._core import RequestTrace, WebTracingConfig
 from ._request import IncomingRequest
 
@@ -33,6 +34,7 @@ class LangfuseWSGIMiddleware:
     def __init__(self, app: WSGIApp, /, **options: Any) -> None:
         self.app = app
         self.config = WebTracingConfig(**options)
+        client.flush_before_sigterm()  # an API process stopped by SIGTERM keeps its observations
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         request = IncomingRequest.from_wsgi(environ)
