@@ -247,6 +247,8 @@ class WorkerTracing:
     def __init__(self, config: TracingConfig) -> None:
         self.config = config
         self.runs = RunRegistry(config.max_open_runs)
+        secret = config.producer_secret
+        self._producer_key = secret.encode() if secret else None
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -399,7 +401,7 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         rules = self.config.policy.rules(task.name)
-        extracted = _extract(request_headers(request), task_id)
+        extracted = _extract(request_headers(request), task_id, self._producer_key)
         start = Start(
             task_id=task_id,
             task_name=task.name,
@@ -536,7 +538,7 @@ class WorkerTracing:
         try:
             if not self.config.policy.traces_task(task_name):
                 return
-            extracted = _extract(message_headers, task_id)
+            extracted = _extract(message_headers, task_id, self._producer_key)
             fields: dict[str, Any] = {
                 "name": task_name,
                 "level": level,
@@ -581,8 +583,13 @@ _HOSTNAME = socket.gethostname()
 _PROCESS_DIED = (WorkerLostError, TimeLimitExceeded)
 
 
-def _extract(message_headers: Mapping[str, Any], task_id: Any) -> headers.Extracted:
-    extracted = headers.extract(message_headers)
+def _extract(
+    message_headers: Mapping[str, Any], task_id: Any, producer_key: Optional[bytes]
+) -> headers.Extracted:
+    # With a producer secret, a message not signed with it keeps its run and its W3C
+    # parent but not its trace attributes or Langfuse parent (headers.extract).
+    trusted = producer_key is None or headers.signed_by(message_headers, producer_key)
+    extracted = headers.extract(message_headers, trusted=trusted)
     if extracted.malformed:
         warn_rate_limited(
             log,
