@@ -100,6 +100,9 @@ _ZERO_SPAN_ID = "0" * 16
 # the trace's "app root" unless this baggage entry names the trace: a worker run
 # continuing a producer's trace must not claim the trace's name and input.
 _APP_ROOT_CLAIM_BAGGAGE_KEY = "langfuse_trace_id"
+# The SDK's span processor reads every baggage entry with this prefix as a trace
+# attribute (langfuse_user_id, langfuse_session_id, langfuse_metadata_*, ...).
+_LANGFUSE_BAGGAGE_PREFIX = "langfuse_"
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,16 @@ def with_app_root_claim(ctx: otel_context.Context, trace_id: str) -> otel_contex
     if baggage.get_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, ctx) == trace_id:
         return ctx
     return baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, trace_id, context=ctx)
+
+
+def without_langfuse_baggage(ctx: otel_context.Context) -> otel_context.Context:
+    """``ctx`` without the baggage entries Langfuse reads as trace attributes: what an
+    OTel server instrumentation may have extracted from an untrusted caller's
+    ``baggage`` header before the request reached this library."""
+    for key in baggage.get_all(ctx):
+        if key.startswith(_LANGFUSE_BAGGAGE_PREFIX):
+            ctx = baggage.remove_baggage(key, ctx)
+    return ctx
 
 
 @dataclass(frozen=True)
