@@ -53,7 +53,6 @@ SPOOFED_IDENTITY = {
     "x-langfuse-environment": "production",
     "x-langfuse-metadata": '{"role": "superuser"}',
 }
-CALLER_IDS = {"user_id": "caller-user", "session_id": "caller-session"}
 
 FRAMEWORKS = ("asgi", "wsgi", "flask")
 #: The request observation's name for ``GET /items/<id>`` in each framework.
@@ -154,9 +153,10 @@ def new_item() -> str:
 def calling_service() -> Iterator[Any]:
     """An observation of an internal service, with its own user and session."""
     langfuse = langfuse_client.get_langfuse()
-    with propagate_attributes(**CALLER_IDS), langfuse.start_as_current_observation(
-        name="internal caller"
-    ) as caller:
+    with (
+        propagate_attributes(user_id="caller-user", session_id="caller-session"),
+        langfuse.start_as_current_observation(name="internal caller") as caller,
+    ):
         yield caller
 
 
@@ -213,15 +213,11 @@ def test_trace_id_injection_starts_a_fresh_trace_recording_the_claim(
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_untrusted_traceparent_alone_is_continued(
-    framework: str, capture: CaptureServer
-) -> None:
+def test_untrusted_traceparent_alone_is_continued(framework: str, capture: CaptureServer) -> None:
     trace_id, parent_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     item = new_item()
     with serve(framework) as url:
-        httpx.get(
-            f"{url}/items/{item}", headers={"traceparent": f"00-{trace_id}-{parent_id}-01"}
-        )
+        httpx.get(f"{url}/items/{item}", headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
 
     request, _ = request_observation(capture, item)
     assert (request.trace_id, request.parent_id) == (trace_id, parent_id)
@@ -259,9 +255,7 @@ def assert_headers_ignored(request: Observation) -> None:
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_caller_from_a_trusted_network_is_believed(
-    framework: str, capture: CaptureServer
-) -> None:
+def test_caller_from_a_trusted_network_is_believed(framework: str, capture: CaptureServer) -> None:
     item = new_item()
     with serve(framework, trusted_networks=["10.0.0.0/8", "127.0.0.0/8"]) as url:
         trusting_call(url, item)
@@ -270,9 +264,7 @@ def test_caller_from_a_trusted_network_is_believed(
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_caller_outside_the_trusted_networks_is_not(
-    framework: str, capture: CaptureServer
-) -> None:
+def test_caller_outside_the_trusted_networks_is_not(framework: str, capture: CaptureServer) -> None:
     item = new_item()
     with serve(framework, trusted_networks=["10.0.0.0/8", "::1"]) as url:
         trusting_call(url, item)
@@ -303,16 +295,16 @@ def test_wrong_oversized_or_malformed_secret_is_rejected_and_the_request_served(
     items = {case: new_item() for case in wrong}
     with serve(framework, trust_secret=SECRET) as url:
         for case, secret in wrong.items():
-            response = httpx.get(
-                f"{url}/items/{items[case]}",
-                headers={
+            sent = [
+                (name.encode(), value.encode())
+                for name, value in {
                     **SPOOFED_IDENTITY,
                     "x-langfuse-trace-id": CLAIMED_TRACE,
                     "x-langfuse-parent-id": CLAIMED_PARENT,
-                    "x-langfuse-trust-secret": secret.encode("utf-8"),  # type: ignore[dict-item]
-                },
-                timeout=10,
-            )
+                    "x-langfuse-trust-secret": secret,
+                }.items()
+            ]
+            response = httpx.get(f"{url}/items/{items[case]}", headers=sent, timeout=10)
             assert response.status_code == 200, case
 
     for case, item in items.items():
@@ -371,7 +363,7 @@ def test_service_without_the_secret_gets_a_trace_of_its_own(capture: CaptureServ
 def test_secret_is_sent_only_with_a_trace_context() -> None:
     assert inject_headers({}, trust_secret=SECRET) == {}
     with calling_service():
-        sent = inject_headers({}, trust_secret=SECRET)
+        sent: dict[str, str] = inject_headers({}, trust_secret=SECRET)
     assert sent["x-langfuse-trust-secret"] == SECRET
     assert sent["x-langfuse-user-id"] == "caller-user"
 
@@ -395,7 +387,9 @@ def otel_server_instrumentation(app: Any) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("options", "believed"), [({}, False), ({"trust_secret": SECRET}, True)], ids=["anon", "trusted"]
+    ("options", "believed"),
+    [({}, False), ({"trust_secret": SECRET}, True)],
+    ids=["anonymous", "trusted"],
 )
 def test_langfuse_baggage_counts_only_from_a_trusted_caller(
     options: dict[str, Any], believed: bool, capture: CaptureServer
@@ -469,21 +463,23 @@ def test_forwarded_for_header_is_never_the_peer() -> None:
 def test_bad_trust_settings_are_refused_when_the_middleware_is_built(
     options: dict[str, Any], message: str
 ) -> None:
-    for build in (
+    builds: list[Callable[[], object]] = [
         lambda: LangfuseASGIMiddleware(fastapi_items_app(), **options),
         lambda: LangfuseWSGIMiddleware(plain_wsgi_app, **options),
         lambda: flask_items_app(**options),
-    ):
+    ]
+    for build in builds:
         with pytest.raises(ConfigurationError, match=re.escape(message)) as raised:
             build()
         assert "hunter2" not in str(raised.value)
 
 
 def test_bad_secret_is_refused_by_the_client_helpers() -> None:
-    for helper in (
+    helpers: list[Callable[[], object]] = [
         lambda: httpx_hooks(trust_secret=""),
         lambda: trace_session(requests.Session(), trust_secret="short"),
         lambda: inject_headers({}, trust_secret="short"),
-    ):
+    ]
+    for helper in helpers:
         with pytest.raises(ConfigurationError, match="trust_secret="):
             helper()
