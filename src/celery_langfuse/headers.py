@@ -79,6 +79,9 @@ ALL_HEADERS = (
     SIGNATURE,
 )
 
+#: The trace attributes' headers.
+_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
+
 # Limits follow what Langfuse itself accepts for propagated attributes.
 _MAX_ATTRIBUTE_CHARS = 200
 #: At most this many tags and metadata keys cross a message or an HTTP call, whatever
@@ -285,17 +288,7 @@ def inject(
 
 # What a producer's signature covers: everything that decides where a run goes and
 # whose it is. The W3C ``traceparent`` is continued from anyone, so it is not signed.
-_SIGNED_HEADERS = (
-    TRACE_ID,
-    PARENT_ID,
-    SAMPLED,
-    USER_ID,
-    SESSION_ID,
-    TAGS,
-    TRACE_NAME,
-    ENVIRONMENT,
-    METADATA,
-)
+_SIGNED_HEADERS = (TRACE_ID, PARENT_ID, SAMPLED, *_ATTRIBUTE_HEADERS)
 
 
 def signature(headers: Mapping[str, Any], key: bytes) -> str:
@@ -406,7 +399,6 @@ def extract(headers: Mapping[str, Any], *, trusted: bool = True) -> Extracted:
 
 
 _NO_ATTRIBUTES = TraceAttributes()
-_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
 
 
 class _Reader:
