@@ -9,6 +9,7 @@ are on what the capture server received, as Langfuse would show it.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import uuid
@@ -483,3 +484,22 @@ def test_bad_secret_is_refused_by_the_client_helpers() -> None:
     for helper in helpers:
         with pytest.raises(ConfigurationError, match="trust_secret="):
             helper()
+
+
+def test_ignored_headers_are_explained_once_per_process(
+    capture: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery_langfuse.web import _core
+
+    _core._noted_distrusted = False
+    caplog.set_level(logging.INFO, logger="celery_langfuse.web")
+    items = (new_item(), new_item())
+    with serve("asgi") as url:
+        for item in items:
+            httpx.get(f"{url}/items/{item}", headers={"x-langfuse-user-id": "admin"})
+    for item in items:
+        request_observation(capture, item)
+
+    notes = [r for r in caplog.records if "not trusted" in r.getMessage()]
+    assert len(notes) == 1
+    assert "trust_secret or trusted_networks" in notes[0].getMessage()

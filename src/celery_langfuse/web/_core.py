@@ -223,6 +223,7 @@ class RequestTrace:
             metadata = _request_metadata(request)
             if incoming.extracted.distrusted is not None:
                 metadata.update(incoming.extracted.distrusted.metadata())
+                _note_first_distrusted()
             observation = scope.enter_context(
                 client.get_langfuse().start_as_current_observation(
                     name=request.method,
@@ -266,6 +267,22 @@ class RequestTrace:
             warn_rate_limited(log, "web-end", "celery-langfuse: could not record a response")
         finally:
             self._observation.end()
+
+
+_noted_distrusted = False
+
+
+def _note_first_distrusted() -> None:
+    """Say once per process why a caller's trace headers were ignored: a service that
+    relied on the old default (trust everyone) otherwise only sees ids go missing."""
+    global _noted_distrusted
+    if not _noted_distrusted:
+        _noted_distrusted = True
+        log.info(
+            "celery-langfuse: ignoring x-langfuse-* trace headers from a caller that is not "
+            "trusted (its request starts its own trace); give your own services "
+            "trust_secret or trusted_networks, see docs/web.md 'Trust'"
+        )
 
 
 def _identify(config: WebTracingConfig, request: IncomingRequest) -> TraceAttributes | None:
