@@ -157,13 +157,14 @@ def test_incoming_traceparent_is_continued(client: TestClient, capture: CaptureS
 
 
 def test_incoming_langfuse_headers_bring_user_and_session(capture: CaptureServer) -> None:
-    from tests.support.web_apps import fastapi_app
+    from tests.support.web_apps import TRUST_SECRET, fastapi_app
 
     trace_id, parent_id = "5bf92f3577b34da6a3ce929d0e0e4736", "10f067aa0ba902b7"
-    with TestClient(fastapi_app) as anonymous:  # no cookie, no token: ids come from headers
-        anonymous.get(
+    with TestClient(fastapi_app) as internal:  # no cookie, no token: ids come from headers
+        internal.get(
             "/v1/items/y",
             headers={
+                "X-Langfuse-Trust-Secret": TRUST_SECRET,  # a trusted internal caller
                 "X-Langfuse-Trace-Id": trace_id,
                 "X-Langfuse-Parent-Id": parent_id,
                 "X-Langfuse-User-Id": "upstream-user",

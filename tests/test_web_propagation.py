@@ -21,7 +21,7 @@ from celery_langfuse.testing import CaptureServer
 from celery_langfuse.web import (
     async_httpx_request_hook,
     extract_context,
-    httpx_request_hook,
+    httpx_hooks,
     inject_headers,
     trace_session,
 )
@@ -68,7 +68,9 @@ def calling_service() -> Iterator[Any]:
 def test_httpx_call_to_uvicorn_continues_through_the_worker(
     api: str, running_worker: Any, capture: CaptureServer
 ) -> None:
-    http = httpx.Client(event_hooks={"request": [httpx_request_hook]})
+    from tests.support.web_apps import TRUST_SECRET
+
+    http = httpx.Client(event_hooks=httpx_hooks(trust_secret=TRUST_SECRET))
     with calling_service() as caller, http:
         assert http.post(f"{api}/orders/8").status_code == 200
 
@@ -101,7 +103,9 @@ def test_async_httpx_hook_adds_the_same_headers(api: str, capture: CaptureServer
 
 
 def test_requests_session_carries_the_trace(api: str, capture: CaptureServer) -> None:
-    session = trace_session(requests.Session())
+    from tests.support.web_apps import TRUST_SECRET
+
+    session = trace_session(requests.Session(), trust_secret=TRUST_SECRET)
     with calling_service() as caller:
         assert session.get(f"{api}/v1/items/z").status_code == 200
 
@@ -143,7 +147,7 @@ def test_extract_reads_header_names_in_any_case() -> None:
     assert extracted.attributes.user_id == "u-1"
 
 
-def test_untrusted_headers_start_a_new_trace(capture: CaptureServer) -> None:
+def test_untrusted_caller_keeps_its_w3c_parent_but_not_its_user(capture: CaptureServer) -> None:
     from fastapi.testclient import TestClient
 
     from celery_langfuse.web import LangfuseASGIMiddleware
@@ -163,6 +167,6 @@ def test_untrusted_headers_start_a_new_trace(capture: CaptureServer) -> None:
     flush_in_process()
     capture.wait_for(lambda s: any(o.name == "GET /items/{item_id}" for o in s.observations))
     (request,) = [o for o in capture.observations if o.name == "GET /items/{item_id}"]
-    assert request.trace_id != trace_id
-    assert request.parent_id is None
+    assert request.trace_id == trace_id  # W3C trace context is continued from anyone
+    assert request.parent_id == "40f067aa0ba902b7"
     assert request.user_id is None

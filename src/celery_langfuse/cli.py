@@ -260,6 +260,8 @@ def _display(name: str, value: Any) -> str:
         return ", ".join(f"{k}={v:g}" for k, v in value.items()) if value else "(none)"
     if name == "durable_url":
         return _mask_url(str(value))  # a Redis URL may carry a password
+    if name == "producer_secret":
+        return "(set)"
     return str(value)
 
 

@@ -18,12 +18,13 @@ setting or read the environment per task.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .payload import PayloadCapture, Redactor
 from .sampling import Sampler, TaskPolicy
@@ -111,6 +112,14 @@ class TracingConfig:
     durable_max_bytes:
         Upper bound on the span data the durable queue holds; past it the oldest
         batches are dropped, counted and logged.
+    producer_secret:
+        Unset (the default), a worker takes the trace attributes (user, session, tags,
+        ...) and the Langfuse parent of every message: whoever can publish to your
+        broker can already run your tasks. Set, this app signs the messages it
+        publishes with it, and its workers take them only from messages signed with
+        the same secret (other messages still run and are traced, in a trace of
+        their own or continuing their W3C ``traceparent``). For a worker consuming a
+        queue other services publish to. Never shown in errors or ``doctor``.
     """
 
     enabled: bool = True
@@ -134,6 +143,7 @@ class TracingConfig:
     durable_url: Optional[str] = None
     durable_queue: str = "celery-langfuse"
     durable_max_bytes: int = 256 * 1024 * 1024
+    producer_secret: Optional[str] = field(default=None, repr=False)
 
     #: Compiled from the settings above: task-name rules and sampling decisions.
     policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
@@ -143,7 +153,7 @@ class TracingConfig:
     def __post_init__(self) -> None:
         for setting in _SETTINGS:
             value = getattr(self, setting.name)
-            _require(f"{setting.name}={value!r}", value, setting)
+            _require(f"{setting.name}={_shown(value, setting)}", value, setting)
         if (self.export == "durable") != (self.durable_url is not None):
             raise ConfigurationError(
                 f"celery-langfuse setting durable_url={self.durable_url!r}: must be "
@@ -233,6 +243,7 @@ class _Setting:
     allowed: str
     parse: Optional[Callable[[str], Any]] = None  # None: not settable from the environment
     sdk_env: Optional[str] = None
+    secret: bool = False  # its value is never shown in an error
 
     @property
     def env(self) -> str:
@@ -246,16 +257,20 @@ def _from_sources(
     name = setting.name
     if name in options:
         value = options[name]
-        _require(f"{name}={value!r}", value, setting)
+        _require(f"{name}={_shown(value, setting)}", value, setting)
         return value, "install()"
     for variable in (setting.env, setting.sdk_env):
         if variable is None or setting.parse is None:
             continue
         raw = environ.get(variable)
-        if raw is None or (raw.strip() == "" and not _is_list_setting(setting)):
+        # An empty variable means unset, but not for a secret: there it is a secret
+        # that failed to reach the process, and trusting everyone instead fails open.
+        if raw is None or (
+            raw.strip() == "" and not _is_list_setting(setting) and not setting.secret
+        ):
             continue
         value = setting.parse(raw)
-        _require(f"{variable}={raw!r}", value, setting)
+        _require(f"{variable}={_shown(raw, setting)}", value, setting)
         return value, variable
     if name == "preset":
         named = environ.get("LANGFUSE_TRACING_ENVIRONMENT", "").strip().lower()
@@ -349,6 +364,53 @@ def _is_rates(value: Any) -> bool:
 
 def _is_list_setting(setting: _Setting) -> bool:
     return setting.parse in (_parse_list, _parse_rates)
+
+
+# -- trust settings (shared with the web middlewares' settings) --------------------------
+
+_SECRET = re.compile(r"[\x21-\x7e]{16,1024}")
+#: What a trust secret must be: usable as an HTTP header value as it is, and not short.
+SECRET_ALLOWED = "a string of 16 to 1024 visible ASCII characters (no spaces)"
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def is_secret(value: Any) -> bool:
+    """Whether ``value`` can be a trust secret (``producer_secret``, the web ``trust_secret``)."""
+    return isinstance(value, str) and _SECRET.fullmatch(value) is not None
+
+
+def shown_secret(value: Any) -> str:
+    """A secret setting's value as an error message may show it: never the secret."""
+    if isinstance(value, str):
+        return repr(value) if not value.strip() else f"<secret of {len(value)} characters>"
+    return f"<{type(value).__name__}>"
+
+
+def parse_networks(setting: str, value: Any) -> tuple[Network, ...]:
+    """``value`` (CIDRs or addresses, ``"10.0.0.0/8"``, ``"::1"``) as networks, or a
+    :class:`ConfigurationError` naming ``setting`` and the entry that is not one."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Collection):
+        raise ConfigurationError(
+            f"celery-langfuse setting {setting}={value!r}: must be a list of networks "
+            "(CIDR such as '10.0.0.0/8' or an address such as '10.1.2.3')"
+        )
+    networks = []
+    for entry in value:
+        try:
+            if not isinstance(entry, str):
+                raise ValueError(f"a {type(entry).__name__}, not a string")
+            networks.append(ipaddress.ip_network(entry.strip()))
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"celery-langfuse setting {setting}: {entry!r} is not a network ({exc}); "
+                "give a CIDR such as '10.0.0.0/8' or '2001:db8::/32', or an address"
+            ) from None
+    return tuple(networks)
+
+
+def _shown(value: Any, setting: _Setting) -> str:
+    return shown_secret(value) if setting.secret else repr(value)
 
 
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
@@ -449,6 +511,13 @@ _SETTINGS: tuple[_Setting, ...] = (
         lambda v: _is_int(v) and v >= 1024 * 1024,
         "a whole number of bytes, at least 1048576 (1 MiB)",
         _parse_int,
+    ),
+    _Setting(
+        "producer_secret",
+        lambda v: v is None or is_secret(v),
+        SECRET_ALLOWED,
+        str.strip,
+        secret=True,
     ),
 )
 

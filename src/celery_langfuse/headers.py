@@ -11,14 +11,22 @@ OpenTelemetry consumers and Langfuse-aware ones both understand it:
   ``x-langfuse-sampled: 0`` when the trace was sampled out (the W3C sampled flag says
   the same, but only when the global propagator writes ``traceparent``);
 - for a message celery beat sent: the schedule entry's name and when the run was due,
-  so the worker can score the cron run's health.
+  so the worker can score the cron run's health;
+- trust (docs/web.md, "Trust"): ``x-langfuse-signature``, an HMAC of the parent ids and
+  trace attributes that producers holding ``producer_secret`` add to their messages, and
+  ``x-langfuse-trust-secret``, the shared secret internal HTTP callers send.
 
 Headers are untrusted input. :func:`extract` validates every value and drops what
 does not fit; a bad header means a fresh trace and a debug log, never an exception.
+From a sender that is not trusted (``extract(..., trusted=False)``) only the W3C
+``traceparent`` is continued: its trace attributes are ignored, and Langfuse ids it
+names are recorded as a claim (:class:`Distrusted`) instead of being continued.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -48,6 +56,10 @@ PUBLISHED_AT = "x-langfuse-published-at"
 SAMPLED = "x-langfuse-sampled"
 CRON_ENTRY = "x-langfuse-cron-entry"
 CRON_DUE_AT = "x-langfuse-cron-due-at"
+SIGNATURE = "x-langfuse-signature"
+#: Sent by internal HTTP callers only (never in a Celery message, never in
+#: :data:`ALL_HEADERS`, so nothing that forwards those headers forwards the secret).
+TRUST_SECRET = "x-langfuse-trust-secret"
 
 #: Every header this library writes; a reader may use it to strip or forward them.
 ALL_HEADERS = (
@@ -64,13 +76,22 @@ ALL_HEADERS = (
     SAMPLED,
     CRON_ENTRY,
     CRON_DUE_AT,
+    SIGNATURE,
 )
+
+#: The trace attributes' headers.
+_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
 
 # Limits follow what Langfuse itself accepts for propagated attributes.
 _MAX_ATTRIBUTE_CHARS = 200
-_MAX_TAGS = 50
-_MAX_METADATA_KEYS = 50
+#: At most this many tags and metadata keys cross a message or an HTTP call, whatever
+#: set them (headers received, ``identify``, ``propagate_attributes``): more are dropped
+#: when written and when read.
+MAX_TAGS = 50
+MAX_METADATA_KEYS = 50
 _MAX_METADATA_CHARS = 8_000
+#: Longest trust secret or signature compared; a longer header is not trusted.
+MAX_SECRET_CHARS = 1_024
 _TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID_RE = re.compile(r"[0-9a-f]{16}")
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -82,6 +103,9 @@ _ZERO_SPAN_ID = "0" * 16
 # the trace's "app root" unless this baggage entry names the trace: a worker run
 # continuing a producer's trace must not claim the trace's name and input.
 _APP_ROOT_CLAIM_BAGGAGE_KEY = "langfuse_trace_id"
+# The SDK's span processor reads every baggage entry with this prefix as a trace
+# attribute (langfuse_user_id, langfuse_session_id, langfuse_metadata_*, ...).
+_LANGFUSE_BAGGAGE_PREFIX = "langfuse_"
 
 
 @dataclass(frozen=True)
@@ -103,6 +127,20 @@ class TraceAttributes:
             or self.trace_name
             or self.environment
             or self.metadata
+        )
+
+    def bounded(self) -> TraceAttributes:
+        """These attributes with at most :data:`MAX_TAGS` tags and
+        :data:`MAX_METADATA_KEYS` metadata keys (the first ones)."""
+        if len(self.tags) <= MAX_TAGS and len(self.metadata) <= MAX_METADATA_KEYS:
+            return self
+        return TraceAttributes(
+            user_id=self.user_id,
+            session_id=self.session_id,
+            tags=self.tags[:MAX_TAGS],
+            trace_name=self.trace_name,
+            environment=self.environment,
+            metadata=dict(list(self.metadata.items())[:MAX_METADATA_KEYS]),
         )
 
 
@@ -146,6 +184,16 @@ def with_app_root_claim(ctx: otel_context.Context, trace_id: str) -> otel_contex
     return baggage.set_baggage(_APP_ROOT_CLAIM_BAGGAGE_KEY, trace_id, context=ctx)
 
 
+def without_langfuse_baggage(ctx: otel_context.Context) -> otel_context.Context:
+    """``ctx`` without the baggage entries Langfuse reads as trace attributes: what an
+    OTel server instrumentation may have extracted from an untrusted caller's
+    ``baggage`` header before the request reached this library."""
+    for key in baggage.get_all(ctx):
+        if key.startswith(_LANGFUSE_BAGGAGE_PREFIX):
+            ctx = baggage.remove_baggage(key, ctx)
+    return ctx
+
+
 @dataclass(frozen=True)
 class CronRun:
     """A message celery beat sent for one run of a schedule entry."""
@@ -153,6 +201,25 @@ class CronRun:
     entry: str
     #: When the run was due (Unix time), if the entry's schedule could tell.
     due_at: Optional[float] = None
+
+
+class Distrusted(NamedTuple):
+    """What a sender that is not trusted asked for and did not get."""
+
+    #: The Langfuse ids it named as parent (valid ones only): recorded, not continued.
+    claimed_trace_id: Optional[str]
+    claimed_parent_id: Optional[str]
+    #: Names of the parent and attribute headers it sent that were ignored.
+    ignored: tuple[str, ...]
+
+    def metadata(self) -> dict[str, Any]:
+        """What the observation that starts instead records (header names, valid ids)."""
+        recorded: dict[str, Any] = {"ignored_trace_headers": list(self.ignored)}
+        if self.claimed_trace_id:
+            recorded["claimed_trace_id"] = self.claimed_trace_id
+        if self.claimed_parent_id:
+            recorded["claimed_parent_id"] = self.claimed_parent_id
+        return recorded
 
 
 class Extracted(NamedTuple):
@@ -163,8 +230,11 @@ class Extracted(NamedTuple):
     published_at: Optional[float]
     #: Set when beat sent the message; None for every other message.
     cron: Optional[CronRun] = None
-    #: Names of trace headers that were present but invalid, and so ignored.
+    #: Names of trace headers that were present but invalid (or over a limit), and so
+    #: ignored (or cut).
     malformed: tuple[str, ...] = ()
+    #: Set when the sender was not trusted and sent Langfuse ids or trace attributes.
+    distrusted: Optional[Distrusted] = None
 
 
 def inject(
@@ -173,12 +243,14 @@ def inject(
     parent: Optional[TraceParent],
     attributes: TraceAttributes,
     cron: Optional[CronRun] = None,
+    signing_key: Optional[bytes] = None,
 ) -> None:
     """Write the wire format into ``headers``, keeping every other header as it is.
 
     ``parent`` is the observation the consumer's work becomes a child of; the global
     OTel propagator writes it as ``traceparent`` (and ``tracestate``/``baggage``), and
-    the ``x-langfuse-*`` headers repeat it for Langfuse-aware consumers.
+    the ``x-langfuse-*`` headers repeat it for Langfuse-aware consumers. With
+    ``signing_key`` (the producer secret) the parent ids and attributes are signed.
     """
     if parent is not None:
         _write_w3c(headers, parent, otel_context.get_current())
@@ -193,18 +265,67 @@ def inject(
     if attributes.session_id:
         headers[SESSION_ID] = attributes.session_id
     if attributes.tags:
-        headers[TAGS] = json.dumps(list(attributes.tags), separators=(",", ":"))
+        headers[TAGS] = json.dumps(list(attributes.tags[:MAX_TAGS]), separators=(",", ":"))
     if attributes.trace_name:
         headers[TRACE_NAME] = attributes.trace_name
     if attributes.environment:
         headers[ENVIRONMENT] = attributes.environment
     if attributes.metadata:
-        headers[METADATA] = json.dumps(dict(attributes.metadata), separators=(",", ":"))
+        metadata = attributes.metadata
+        if len(metadata) > MAX_METADATA_KEYS:
+            metadata = dict(list(metadata.items())[:MAX_METADATA_KEYS])
+        headers[METADATA] = json.dumps(dict(metadata), separators=(",", ":"))
     if cron is not None:
         headers[CRON_ENTRY] = cron.entry
         if cron.due_at is not None:
             headers[CRON_DUE_AT] = f"{cron.due_at:.6f}"
     headers[PUBLISHED_AT] = f"{time.time():.6f}"
+    if signing_key is not None:
+        headers[SIGNATURE] = signature(headers, signing_key)
+    elif SIGNATURE in headers:
+        del headers[SIGNATURE]  # copied from the message a retry repeats: no longer true
+
+
+# What a producer's signature covers: everything that decides where a run goes and
+# whose it is. The W3C ``traceparent`` is continued from anyone, so it is not signed.
+_SIGNED_HEADERS = (TRACE_ID, PARENT_ID, SAMPLED, *_ATTRIBUTE_HEADERS)
+
+
+def signature(headers: Mapping[str, Any], key: bytes) -> str:
+    """HMAC-SHA256 (hex) of the signed headers' values in ``headers``, under ``key``."""
+    mac = hmac.new(key, b"celery-langfuse/1", hashlib.sha256)
+    for name in _SIGNED_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            mac.update(b"\n%s-" % name.encode())
+            continue
+        # Length-prefixed, so no value can pass for the end of one header and the
+        # start of the next; a value that is not a string (inject never writes one)
+        # signs as a marker that no string matches.
+        text = value.encode("utf-8", "replace") if isinstance(value, str) else None
+        if text is None:
+            mac.update(b"\n%s!" % name.encode())
+        else:
+            mac.update(b"\n%s=%d:%s" % (name.encode(), len(text), text))
+    return mac.hexdigest()
+
+
+def signed_by(headers: Mapping[str, Any], key: bytes) -> bool:
+    """Whether ``headers`` carry a valid signature made with ``key`` (constant time)."""
+    received = headers.get(SIGNATURE)
+    if not isinstance(received, str) or len(received) != 64 or not received.isascii():
+        return False
+    return hmac.compare_digest(received, signature(headers, key))
+
+
+def secret_matches(received: Any, secret: str) -> bool:
+    """Whether ``received`` (an HTTP header's value) is ``secret``, compared in constant
+    time; anything oversized or not a string is not."""
+    if not isinstance(received, str) or len(received) > MAX_SECRET_CHARS:
+        return False
+    return hmac.compare_digest(
+        received.encode("utf-8", "surrogateescape"), secret.encode("utf-8", "surrogateescape")
+    )
 
 
 def _write_w3c(
@@ -252,21 +373,32 @@ def _default_propagator() -> bool:
     return is_default
 
 
-def extract(headers: Mapping[str, Any]) -> Extracted:
+def extract(headers: Mapping[str, Any], *, trusted: bool = True) -> Extracted:
     """Read the wire format back, tolerating anything: bad values are dropped, and
-    their header names listed in :attr:`Extracted.malformed`."""
+    their header names listed in :attr:`Extracted.malformed`.
+
+    From a sender that is not ``trusted``, the trace attributes are ignored and so are
+    the Langfuse parent ids (a parent Langfuse may never have received, in a trace the
+    sender does not own): the ids are recorded in :attr:`Extracted.distrusted` and the
+    work starts a trace of its own. A ``traceparent`` alone is still continued, as any
+    W3C service continues it.
+    """
     reader = _Reader(headers)
+    if trusted:
+        parent, attributes, distrusted = reader.parent(), reader.attributes(), None
+    else:
+        parent, attributes, distrusted = reader.distrusted()
     return Extracted(
-        parent=reader.parent(),
-        attributes=reader.attributes(),
+        parent=parent,
+        attributes=attributes,
         published_at=reader.timestamp(PUBLISHED_AT),
         cron=None if headers.get(CRON_ENTRY) is None else reader.cron_run(),
         malformed=tuple(reader.malformed) if reader.malformed else (),
+        distrusted=distrusted,
     )
 
 
 _NO_ATTRIBUTES = TraceAttributes()
-_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
 
 
 class _Reader:
@@ -291,9 +423,28 @@ class _Reader:
             metadata=self.metadata(),
         )
 
+    def distrusted(self) -> tuple[Optional[TraceParent], TraceAttributes, Optional[Distrusted]]:
+        """An untrusted sender's parent (W3C only), no attributes, and what it claimed."""
+        get = self._headers.get
+        ignored = tuple(
+            name for name in (TRACE_ID, PARENT_ID, *_ATTRIBUTE_HEADERS) if get(name) is not None
+        )
+        if not ignored:
+            return self.parent(), _NO_ATTRIBUTES, None
+        claimed_trace_id = self._matching(TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
+        claimed_parent_id = self._matching(PARENT_ID, _SPAN_ID_RE, _ZERO_SPAN_ID)
+        parent = None
+        if get(TRACE_ID) is None and get(PARENT_ID) is None:
+            parent = self.parent()  # only attributes were ignored: the W3C parent holds
+        return parent, _NO_ATTRIBUTES, Distrusted(claimed_trace_id, claimed_parent_id, ignored)
+
     def _drop(self, name: str, raw: Any) -> None:
         self.malformed.append(name)
         log.debug("ignoring malformed %s header: %.100r", name, raw)
+
+    def _cut(self, name: str, count: int, limit: int) -> None:
+        self.malformed.append(name)
+        log.debug("keeping the first %d of %d entries of the %s header", limit, count, name)
 
     def parent(self) -> Optional[TraceParent]:
         # Our own ids first: they name an observation Langfuse received. A traceparent
@@ -378,9 +529,11 @@ class _Reader:
         value = self._json(TAGS)
         if not isinstance(value, list):
             return ()
+        if len(value) > MAX_TAGS:
+            self._cut(TAGS, len(value), MAX_TAGS)
         return tuple(
             tag
-            for tag in value[:_MAX_TAGS]
+            for tag in value[:MAX_TAGS]
             if isinstance(tag, str) and 0 < len(tag) <= _MAX_ATTRIBUTE_CHARS
         )
 
@@ -388,9 +541,11 @@ class _Reader:
         value = self._json(METADATA)
         if not isinstance(value, dict):
             return {}
+        if len(value) > MAX_METADATA_KEYS:
+            self._cut(METADATA, len(value), MAX_METADATA_KEYS)
         return {
             key: item
-            for key, item in list(value.items())[:_MAX_METADATA_KEYS]
+            for key, item in list(value.items())[:MAX_METADATA_KEYS]
             if isinstance(key, str)
             and key.isascii()
             and isinstance(item, str)

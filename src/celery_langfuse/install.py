@@ -216,12 +216,14 @@ def _apply_process_settings() -> None:
     if not active:
         _disconnect(_process_connections)
         publish.policy = None
+        publish.signing_key = None
         return
     if not _process_connections:
         _connect(_process_connections, *_PROCESS_HANDLERS)
         client.flush_before_sigterm()
     first = active[0].config
     publish.policy = first.policy
+    publish.signing_key = first.producer_secret.encode() if first.producer_secret else None
     client.client_settings = client.ClientSettings(
         first.flush_at, first.flush_interval, _durable_export(first)
     )

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 #: The task-name rules publishing follows. Celery's publish signal does not say which
 #: app sends a message, so a process follows the first installed app's settings.
 policy: Optional[TaskPolicy] = None
+#: The first installed app's ``producer_secret``: messages are signed with it, so that
+#: workers that require it take their trace attributes.
+signing_key: Optional[bytes] = None
 
 
 def on_before_task_publish(
@@ -62,7 +65,9 @@ def _inject_trace(
     cron = client.current_cron_run(ctx)
     current = otel_trace.get_current_span(ctx).get_span_context()
     if not current.is_valid:
-        headers.inject(message_headers, parent=None, attributes=attributes, cron=cron)
+        headers.inject(
+            message_headers, parent=None, attributes=attributes, cron=cron, signing_key=signing_key
+        )
         return
     excluded = policy is not None and not policy.traces_task(task_name)
     if excluded or not current.trace_flags.sampled:
@@ -75,6 +80,7 @@ def _inject_trace(
             ),
             attributes=attributes,
             cron=cron,
+            signing_key=signing_key,
         )
         return
 
@@ -93,6 +99,7 @@ def _inject_trace(
         parent=headers.TraceParent(span.trace_id, span.id, sampled=current.trace_flags.sampled),
         attributes=attributes,
         cron=cron,
+        signing_key=signing_key,
     )
 
 

@@ -251,6 +251,8 @@ class WorkerTracing:
         #: Task ids whose lost run the main process recorded: Celery may report one
         #: loss twice (a hard time limit: by its timeout handler, then by the pool).
         self._recorded_losses: OrderedDict[str, None] = OrderedDict()
+        secret = config.producer_secret
+        self._producer_key = secret.encode() if secret else None
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -414,7 +416,7 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         rules = self.config.policy.rules(task.name)
-        extracted = _extract(request_headers(request), task_id)
+        extracted = _extract(request_headers(request), task_id, self._producer_key)
         start = Start(
             task_id=task_id,
             task_name=task.name,
@@ -551,7 +553,7 @@ class WorkerTracing:
         try:
             if not self.config.policy.traces_task(task_name):
                 return
-            extracted = _extract(message_headers, task_id)
+            extracted = _extract(message_headers, task_id, self._producer_key)
             fields: dict[str, Any] = {
                 "name": task_name,
                 "level": level,
@@ -597,8 +599,13 @@ _PROCESS_DIED = (WorkerLostError, TimeLimitExceeded)
 _REMEMBERED_LOSSES = 1024
 
 
-def _extract(message_headers: Mapping[str, Any], task_id: Any) -> headers.Extracted:
-    extracted = headers.extract(message_headers)
+def _extract(
+    message_headers: Mapping[str, Any], task_id: Any, producer_key: Optional[bytes]
+) -> headers.Extracted:
+    # With a producer secret, a message not signed with it keeps its run and its W3C
+    # parent but not its trace attributes or Langfuse parent (headers.extract).
+    trusted = producer_key is None or headers.signed_by(message_headers, producer_key)
+    extracted = headers.extract(message_headers, trusted=trusted)
     if extracted.malformed:
         warn_rate_limited(
             log,

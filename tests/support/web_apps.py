@@ -13,6 +13,10 @@ from celery_langfuse import TraceAttributes
 from celery_langfuse.web import IncomingRequest, LangfuseASGIMiddleware, trace_flask
 from tests.support import tasks
 
+#: What the internal services of these tests send to be trusted with their trace
+#: headers (docs/web.md, "Trust"); anonymous test requests do not.
+TRUST_SECRET = "test-trust-secret-0123456789"
+
 
 def identify(request: IncomingRequest) -> TraceAttributes:
     """Users authenticate with ``Authorization: Bearer <user id>``; sessions are a cookie."""
@@ -67,7 +71,7 @@ def get_item(item_id: str) -> dict[str, str]:
 
 
 fastapi_app.mount("/v1", v1)
-fastapi_app.add_middleware(LangfuseASGIMiddleware, identify=identify)
+fastapi_app.add_middleware(LangfuseASGIMiddleware, identify=identify, trust_secret=TRUST_SECRET)
 
 # The same app with FastAPI's own tracing left on (its default).
 fastapi_traced_app = FastAPI()

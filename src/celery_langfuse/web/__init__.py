@@ -4,7 +4,9 @@
   (any WSGI app; :func:`trace_flask` for Flask) record one observation per request;
 - :func:`inject_headers` / :func:`extract_context` carry a trace across HTTP calls
   between services, in the same wire format as Celery messages; the httpx hooks and
-  :func:`trace_session` (requests) apply it to outgoing calls.
+  :func:`trace_session` (requests) apply it to outgoing calls;
+- :func:`read_incoming` decides whether a caller is trusted with its trace headers
+  (docs/web.md, "Trust"), for the middlewares here and any other.
 
 Framework modules are imported only when their helper is used, so this package
 needs none of them installed.
@@ -16,10 +18,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._asgi import LangfuseASGIMiddleware, route_template
-from ._core import DEFAULT_EXCLUDED_PATHS, Identify, RequestTrace, WebTracingConfig
+from ._core import (
+    DEFAULT_EXCLUDED_PATHS,
+    Identify,
+    IncomingTrace,
+    RequestTrace,
+    WebTracingConfig,
+    read_incoming,
+    trusts_caller,
+)
 from ._propagation import (
+    async_httpx_hooks,
     async_httpx_request_hook,
     extract_context,
+    httpx_hooks,
     httpx_request_hook,
     inject_headers,
 )
@@ -42,18 +54,23 @@ __all__ = [
     "ROUTE_KEY",
     "Identify",
     "IncomingRequest",
+    "IncomingTrace",
     "LangfuseASGIMiddleware",
     "LangfuseWSGIMiddleware",
     "RequestTrace",
     "TracingAdapter",
     "WebTracingConfig",
+    "async_httpx_hooks",
     "async_httpx_request_hook",
     "extract_context",
+    "httpx_hooks",
     "httpx_request_hook",
     "inject_headers",
+    "read_incoming",
     "route_template",
     "trace_flask",
     "trace_session",
+    "trusts_caller",
 ]
 
 

@@ -10,29 +10,43 @@ the handler does (tasks it enqueues, LLM calls, outgoing HTTP calls) nests insid
   exception that escaped the app;
 - trace attributes (user id, session id, ...) from the user's ``identify`` callable,
   applied with ``langfuse.propagate_attributes`` so enqueued tasks carry them too;
-- an incoming ``traceparent`` / ``x-langfuse-*`` context is continued, not restarted;
-  without one the request starts a new trace.
+- an incoming W3C ``traceparent`` is continued, not restarted; without one the
+  request starts a new trace.
+
+Trust (:func:`read_incoming`, the one decision every middleware makes, Django's too):
+only a trusted caller (``trust_incoming_headers``, a ``trusted_networks`` address, or
+the ``trust_secret`` header) brings trace attributes and a Langfuse parent
+(``x-langfuse-*``). From anyone else they are ignored: a request naming a Langfuse
+trace starts its own, recording the ids it claimed, and ``identify`` alone says who
+the user is.
 
 Tracing faults are logged (rate-limited) and never reach the request.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, NamedTuple, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry.trace import INVALID_SPAN, set_span_in_context
 
-from .. import client
-from ..config import ConfigurationError
+from .. import client, headers
+from ..config import (
+    SECRET_ALLOWED,
+    ConfigurationError,
+    Network,
+    is_secret,
+    parse_networks,
+    shown_secret,
+)
 from ..headers import TraceAttributes, TraceParent
 from ..logs import warn_rate_limited
 from ..payload import describe_exception
-from ._propagation import extract_context
 from ._request import IncomingRequest
 
 log = logging.getLogger(__name__)
@@ -53,18 +67,32 @@ class WebTracingConfig:
     identify:
         ``request -> TraceAttributes | None``, called once per request before the app
         runs; typically reads a user id from a verified token and a session id from a
-        cookie. Its non-empty fields win over those received in headers.
+        cookie. Its non-empty fields win over those a trusted caller sent in headers.
     exclude_paths:
         Paths that are never traced; an entry ending in ``*`` matches a prefix
         (``"/static/*"``).
     trust_incoming_headers:
-        Continue traces (and accept user/session ids) from incoming trace headers.
-        Turn off on an API exposed to clients you do not control.
+        Trust every caller: take trace attributes (user, session, tags, trace name,
+        environment, metadata) and the Langfuse parent from any request's
+        ``x-langfuse-*`` headers. Only for a service no one but your own services
+        can reach. Off (the default), only the callers below are trusted.
+    trusted_networks:
+        Networks (``"10.0.0.0/8"``, ``"fd00::/8"``, or single addresses) whose callers
+        are trusted; the address is the peer the server reports (see
+        :class:`IncomingRequest`), never a header the caller wrote.
+    trust_secret:
+        A shared secret: a request carrying it in ``x-langfuse-trust-secret``
+        (compared in constant time) is trusted. Internal services send it with
+        ``inject_headers(..., trust_secret=...)`` or the HTTP client hooks.
     """
 
     identify: Identify | None = None
     exclude_paths: Collection[str] = DEFAULT_EXCLUDED_PATHS
-    trust_incoming_headers: bool = True
+    trust_incoming_headers: bool = False
+    trusted_networks: Collection[str] = ()
+    trust_secret: str | None = field(default=None, repr=False)
+    #: ``trusted_networks``, parsed.
+    networks: tuple[Network, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.identify is not None and not callable(self.identify):
@@ -84,13 +112,77 @@ class WebTracingConfig:
                 "celery-langfuse web setting trust_incoming_headers="
                 f"{self.trust_incoming_headers!r}: must be true or false"
             )
+        networks = parse_networks("trusted_networks", self.trusted_networks)
+        if self.trust_secret is not None and not is_secret(self.trust_secret):
+            raise ConfigurationError(
+                "celery-langfuse web setting trust_secret="
+                f"{shown_secret(self.trust_secret)}: must be {SECRET_ALLOWED}"
+            )
+        if self.trust_incoming_headers and (networks or self.trust_secret is not None):
+            raise ConfigurationError(
+                "celery-langfuse web setting trust_incoming_headers=True trusts every "
+                "caller, so trusted_networks and trust_secret would do nothing: set "
+                "trust_incoming_headers=False to trust only those callers"
+            )
         object.__setattr__(self, "exclude_paths", frozenset(self.exclude_paths))
+        object.__setattr__(self, "trusted_networks", tuple(str(n) for n in networks))
+        object.__setattr__(self, "networks", networks)
 
     def excludes(self, path: str) -> bool:
         return any(
             path.startswith(pattern[:-1]) if pattern.endswith("*") else path == pattern
             for pattern in self.exclude_paths
         )
+
+
+class IncomingTrace(NamedTuple):
+    """What a request brings, once its caller's trust is decided (:func:`read_incoming`)."""
+
+    trusted: bool
+    #: ``parent``: what to continue (from an untrusted caller, a W3C parent only);
+    #: ``attributes``: none from an untrusted caller; ``distrusted``: what it claimed.
+    extracted: headers.Extracted
+
+
+def read_incoming(
+    request_headers: Mapping[str, str], peer_address: str | None, config: WebTracingConfig
+) -> IncomingTrace:
+    """Decide whether the caller is trusted, and read its trace headers accordingly.
+
+    ``request_headers``: a mapping whose ``get`` finds lower-case names
+    (:attr:`IncomingRequest.headers`, Django's ``request.headers``). ``peer_address``:
+    the caller's IP address as the server reports it (ASGI ``scope["client"][0]``,
+    WSGI/Django ``REMOTE_ADDR``), or None. Never raises for any header value.
+    """
+    trusted = trusts_caller(request_headers, peer_address, config)
+    return IncomingTrace(trusted, headers.extract(request_headers, trusted=trusted))
+
+
+def trusts_caller(
+    request_headers: Mapping[str, str], peer_address: str | None, config: WebTracingConfig
+) -> bool:
+    """Whether a request's ``x-langfuse-*`` headers are believed: every caller's with
+    ``trust_incoming_headers``; else a caller sending ``trust_secret`` or calling from
+    one of ``trusted_networks``."""
+    if config.trust_incoming_headers:
+        return True
+    if config.trust_secret is not None and headers.secret_matches(
+        request_headers.get(headers.TRUST_SECRET), config.trust_secret
+    ):
+        return True
+    return bool(config.networks) and _in_networks(peer_address, config.networks)
+
+
+def _in_networks(peer_address: str | None, networks: tuple[Network, ...]) -> bool:
+    if not peer_address:
+        return False
+    try:
+        address = ipaddress.ip_address(peer_address)
+    except ValueError:  # a unix socket path, "testclient", garbage
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # "::ffff:10.0.0.5" from a dual-stack socket
+    return any(address in network for network in networks)
 
 
 class RequestTrace:
@@ -113,26 +205,30 @@ class RequestTrace:
         """Open the request's observation and make it current; None if tracing failed."""
         scope = ExitStack()
         try:
-            attributes = TraceAttributes()
-            parent: TraceParent | None = None
-            if config.trust_incoming_headers:
-                extracted = extract_context(request.headers)
-                parent, attributes = extracted.parent, extracted.attributes
+            incoming = read_incoming(request.headers, request.client_address, config)
+            parent: TraceParent | None = incoming.extracted.parent
             # The request is where the trace enters this service: its parent is the
             # caller named in the headers, or none. A span the server or framework made
             # current (FastAPI's own telemetry, an ASGI instrumentation) is not what
             # Langfuse receives, and would leave the request pointing at a parent
-            # Langfuse never sees. Other context values stay as they are.
+            # Langfuse never sees. Other context values stay as they are, but for
+            # Langfuse's own baggage from an untrusted caller.
             base = otel_context.get_current()
+            if not incoming.trusted:
+                base = headers.without_langfuse_baggage(base)
             entry = parent.context(base) if parent else set_span_in_context(INVALID_SPAN, base)
             scope.enter_context(client.attached(entry))
-            attributes = _overlay(attributes, _identify(config, request))
+            attributes = _overlay(incoming.extracted.attributes, _identify(config, request))
             scope.enter_context(client.propagated(attributes))
+            metadata = _request_metadata(request)
+            if incoming.extracted.distrusted is not None:
+                metadata.update(incoming.extracted.distrusted.metadata())
+                _note_first_distrusted()
             observation = scope.enter_context(
                 client.get_langfuse().start_as_current_observation(
                     name=request.method,
                     as_type="span",
-                    metadata=_request_metadata(request),
+                    metadata=metadata,
                     end_on_exit=False,
                 )
             )
@@ -173,6 +269,22 @@ class RequestTrace:
             self._observation.end()
 
 
+_noted_distrusted = False
+
+
+def _note_first_distrusted() -> None:
+    """Say once per process why a caller's trace headers were ignored: a service that
+    relied on the old default (trust everyone) otherwise only sees ids go missing."""
+    global _noted_distrusted
+    if not _noted_distrusted:
+        _noted_distrusted = True
+        log.info(
+            "celery-langfuse: ignoring x-langfuse-* trace headers from a caller that is not "
+            "trusted (its request starts its own trace); give your own services "
+            "trust_secret or trusted_networks, see docs/web.md 'Trust'"
+        )
+
+
 def _identify(config: WebTracingConfig, request: IncomingRequest) -> TraceAttributes | None:
     if config.identify is None:
         return None
@@ -204,7 +316,7 @@ def _overlay(base: TraceAttributes, identified: TraceAttributes | None) -> Trace
         trace_name=identified.trace_name or base.trace_name,
         environment=identified.environment or base.environment,
         metadata={**base.metadata, **identified.metadata},
-    )
+    ).bounded()
 
 
 def _request_metadata(request: IncomingRequest) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import parse_qsl
 
 # Headers a request may repeat; their values are joined as RFC 9110 allows.
@@ -24,6 +24,9 @@ class IncomingRequest:
     """What the middleware and ``identify`` know about a request before it is routed.
 
     ``raw`` is the ASGI scope or the WSGI environ, for what this view leaves out.
+    ``client_address`` is the peer's address as the server reports it (ASGI
+    ``scope["client"]``, WSGI ``REMOTE_ADDR``): the connection's, unless the server
+    was told to take it from a trusted proxy's ``X-Forwarded-For``.
     """
 
     method: str
@@ -31,6 +34,7 @@ class IncomingRequest:
     headers: Mapping[str, str]
     query_string: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    client_address: Optional[str] = None
 
     @property
     def query(self) -> dict[str, str]:
@@ -53,6 +57,7 @@ class IncomingRequest:
     @classmethod
     def from_asgi(cls, scope: Mapping[str, Any]) -> IncomingRequest:
         raw_headers = scope.get("headers") or ()
+        client = scope.get("client")
         return cls(
             method=str(scope.get("method", "GET")).upper(),
             path=str(scope.get("path", "/")),
@@ -61,6 +66,7 @@ class IncomingRequest:
             ),
             query_string=bytes(scope.get("query_string") or b"").decode("latin-1"),
             raw=scope,
+            client_address=str(client[0]) if client else None,
         )
 
     @classmethod
@@ -77,6 +83,7 @@ class IncomingRequest:
             headers=normalise_headers(pairs),
             query_string=str(environ.get("QUERY_STRING", "")),
             raw=environ,
+            client_address=str(environ.get("REMOTE_ADDR") or "") or None,
         )
 
 
