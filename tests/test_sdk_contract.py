@@ -3,6 +3,9 @@ this fails first, with a message that says which."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 from langfuse import get_client, propagate_attributes
@@ -76,4 +79,49 @@ def test_whether_a_client_exists_is_known_without_creating_one(
     get_client()
     assert client.sdk_client_exists(), (
         "LangfuseResourceManager._instances no longer lists the clients of the process"
+    )
+
+
+def test_every_client_of_the_process_is_listed_for_the_flush(
+    langfuse_capture: CaptureServer,
+) -> None:
+    # In a fresh interpreter: a second client would make get_client() of this process
+    # ambiguous (the SDK then returns a disabled client) for every later test.
+    script = """
+from langfuse import Langfuse, get_client
+from celery_langfuse import client
+default = get_client()
+second = Langfuse(public_key="pk-lf-contract-second", secret_key="sk", base_url=BASE_URL)
+managers = client.sdk_resource_managers()
+assert {id(default._resources), id(second._resources)} <= {id(m) for m in managers}
+assert all(callable(m.flush) and callable(m.shutdown) for m in managers)
+"""
+    finished = subprocess.run(
+        [sys.executable, "-c", f"BASE_URL = {langfuse_capture.base_url!r}\n{script}"],
+        env={**os.environ, **langfuse_capture.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 0, (
+        "LangfuseResourceManager._instances no longer lists every client of the process:\n"
+        + finished.stderr
+    )
+
+
+def test_spans_waiting_in_the_sdk_batch_processor_are_counted(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    langfuse_capture_clean.set_response(200, delay=2)  # the first batch holds the exporter
+    with get_client().start_as_current_observation(name="sent first"):
+        pass
+    time.sleep(0.5)  # the SDK's export thread sent it and waits on the slow answer
+    for n in range(3):
+        with get_client().start_as_current_observation(name=f"waiting {n}"):
+            pass
+    waiting = client._queued_spans(get_client()._resources.tracer_provider)
+    assert waiting is not None and waiting >= 3, (
+        "the OTel SDK's TracerProvider._active_span_processor._span_processors or "
+        "BatchSpanProcessor._batch_processor._queue moved: the flush warning cannot "
+        "say how many observations it gave up on"
     )

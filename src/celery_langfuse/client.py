@@ -274,7 +274,8 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
         waiting = holders.waiting()
         log.warning(
             "celery-langfuse: Langfuse did not accept buffered observations within %.1f s; "
-            "giving up on %s observation(s) so shutdown is not delayed",
+            "giving up on %s queued observation(s) (and any batch being sent) so shutdown "
+            "is not delayed",
             timeout,
             "an unknown number of" if waiting is None else waiting,
         )
