@@ -371,7 +371,8 @@ def test_langfuse_slow_at_exit_bounds_shutdown_and_says_what_it_gave_up(
         shutdown_seconds = worker.stop()
     # the child's flush deadline, then the main process's, plus Celery's own shutdown
     assert shutdown_seconds < 2 * 2 + 4, worker.log()
-    assert re.search(r"giving up on \d+ queued observation\(s\)", worker.log()), worker.log()[-3000:]
+    log = worker.log()
+    assert re.search(r"giving up on \d+ queued observation\(s\)", log), log[-3000:]
 
 
 # -- the other pools -------------------------------------------------------------
