@@ -3,7 +3,10 @@ PostgreSQL, and its Celery app served by a real in-thread worker.
 
 ``DJANGO_SETTINGS_MODULE`` is set only while a Django test module runs: Celery installs
 its Django fixup into every app created while it is set, which other tests' apps must
-not get. Django itself stays set up for the rest of the session (it cannot be undone).
+not get. Django itself stays set up for the rest of the session (it cannot be undone),
+but the app's installation is undone after each module, so tests that follow find
+the process's tracing as they expect it (the first installed app decides
+process-wide settings).
 """
 
 from __future__ import annotations
@@ -34,10 +37,17 @@ def django_site(langfuse_capture: CaptureServer) -> Iterator[Any]:
 
         django.setup()
         database.migrate()
+        from celery_langfuse import install, uninstall
+        from celery_langfuse.install import installation_for
         from tests.support.django_site import celery_app
 
+        if installation_for(celery_app) is None:  # undone by an earlier module
+            install(celery_app)  # as proj/celery.py does
         celery_app.control.purge()
-        yield celery_app
+        try:
+            yield celery_app
+        finally:
+            uninstall(celery_app)
 
 
 @pytest.fixture(scope="module")
