@@ -295,3 +295,18 @@ def test_misconfigured_middleware_setting_raises_when_django_loads_it(
     with override_settings(CELERY_LANGFUSE_DJANGO={"user": "pk"}):
         with pytest.raises(ConfigurationError, match=r"unknown key.*'user'"):
             Client().get("/")
+
+
+def test_broken_request_user_under_asgi_never_breaks_the_request(
+    django_site: Any, capture: CaptureServer
+) -> None:
+    from django.test import AsyncClient
+
+    async def run() -> int:
+        response = await AsyncClient().get("/articles/2023/", headers={"X-Break-User": "1"})
+        return int(response.status_code)
+
+    assert asyncio.run(run()) == 200
+
+    trace = request_trace(capture, "GET /articles/<year>/")
+    assert trace.user_id is None

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.core.signals import got_request_exception
 from django.http import HttpRequest, HttpResponseBase
+from django.utils.functional import LazyObject
 
 from ..headers import TraceAttributes
 from ..logs import warn_rate_limited
@@ -184,10 +185,18 @@ def _identified(request: IncomingRequest) -> Optional[TraceAttributes]:
 
 
 async def _user_async(request: HttpRequest) -> Any:
-    """``request.user`` loaded without blocking the event loop (``auser``, Django 5)."""
+    """``request.user`` loaded without blocking the event loop.
+
+    ``AuthenticationMiddleware`` leaves a lazy ``request.user`` (loading it would query
+    the database from the event loop) and ``request.auser`` (Django 5) to load it. A
+    middleware that logs a user in replaces ``request.user`` with the user itself,
+    while ``auser`` may still answer what it cached before (Django's own
+    ``RemoteUserMiddleware`` does this): a user that is not lazy wins.
+    """
+    user = getattr(request, "user", None)
     auser = getattr(request, "auser", None)
-    if auser is None:
-        return getattr(request, "user", None)
+    if auser is None or not (user is None or isinstance(user, LazyObject)):
+        return user
     try:
         return await auser()
     except Exception:
