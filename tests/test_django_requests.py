@@ -310,3 +310,30 @@ def test_broken_request_user_under_asgi_never_breaks_the_request(
 
     trace = request_trace(capture, "GET /articles/<year>/")
     assert trace.user_id is None
+
+
+def test_static_and_media_urls_of_the_site_are_excluded_by_default(django_site: Any) -> None:
+    from django.test import override_settings
+
+    from celery_langfuse.django import DjangoTracingSettings
+
+    with override_settings(
+        CELERY_LANGFUSE_DJANGO={}, STATIC_URL="static/", MEDIA_URL="https://cdn.example/m/"
+    ):
+        web = DjangoTracingSettings.from_django(identify=lambda request: None).web
+    assert web.excludes("/static/app.css") and web.excludes("/healthz")
+    assert not web.excludes("/m/photo.jpg")  # served by another host: nothing to exclude
+    assert not web.excludes("/orders/1/")
+
+
+def test_placed_before_authentication_it_warns_at_start_up(
+    django_site: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.conf import settings
+    from django.test import Client, override_settings
+
+    ours = "celery_langfuse.django.LangfuseMiddleware"
+    reordered = [ours, *(m for m in settings.MIDDLEWARE if m != ours)]
+    with override_settings(MIDDLEWARE=reordered):
+        assert Client().get("/articles/2024/").status_code == 200
+    assert "comes before django.contrib.sessions.middleware.SessionMiddleware" in caplog.text
