@@ -337,3 +337,22 @@ def test_placed_before_authentication_it_warns_at_start_up(
     with override_settings(MIDDLEWARE=reordered):
         assert Client().get("/articles/2024/").status_code == 200
     assert "comes before django.contrib.sessions.middleware.SessionMiddleware" in caplog.text
+
+
+def test_django_wsgi_handler_is_traced(django_site: Any, capture: CaptureServer) -> None:
+    """Django's own WSGI handler (what gunicorn or uWSGI call), with a PEP 3333 environ."""
+    from io import BytesIO
+    from wsgiref.util import setup_testing_defaults
+
+    from django.core.wsgi import get_wsgi_application
+
+    environ: dict[str, Any] = {"PATH_INFO": "/articles/1984/", "wsgi.input": BytesIO()}
+    setup_testing_defaults(environ)
+    statuses: list[str] = []
+    body = get_wsgi_application()(environ, lambda status, headers: statuses.append(status))
+    b"".join(body)
+    body.close()
+
+    assert statuses == ["200 OK"]
+    request = request_trace(capture, "GET /articles/<year>/").find("GET /articles/<year>/")
+    assert request.metadata["path"] == "/articles/1984/"

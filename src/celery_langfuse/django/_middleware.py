@@ -2,9 +2,10 @@
 
 Django routes and authenticates inside its own handler, so the WSGI/ASGI middlewares
 around it see neither the route nor the user. This middleware runs inside that
-handler, on the same request core (:class:`celery_langfuse.web.RequestTrace`) as the
-other web layers, so incoming ``traceparent`` / ``x-langfuse-*`` headers, levels,
-metadata and naming follow one rule:
+handler, on the same request core as the other web layers
+(:class:`celery_langfuse.web.RequestTrace`, through the web package's public names), so
+incoming ``traceparent`` / ``x-langfuse-*`` headers, levels, metadata and naming
+follow one rule:
 
 - started before the rest of the middleware chain below it and the view, current
   while they run, so tasks they publish join the trace;
@@ -36,8 +37,7 @@ from django.utils.functional import LazyObject
 
 from ..headers import TraceAttributes
 from ..logs import warn_rate_limited
-from ..web._core import RequestTrace
-from ..web._request import IncomingRequest, normalise_headers
+from ..web import IncomingRequest, RequestTrace
 from ._on_commit import trace_on_commit
 from ._routes import route_of
 from ._settings import DjangoTracingSettings
@@ -119,7 +119,8 @@ class LangfuseMiddleware:
         incoming = DjangoRequest(
             method=str(request.method or "GET").upper(),
             path=request.path,
-            headers=normalise_headers(request.headers.items()),
+            # Django's HttpHeaders: one value per name, names in title case.
+            headers={name.lower(): value for name, value in request.headers.items()},
             query_string=str(request.META.get("QUERY_STRING", "")),
             raw=request.META,
             identified=self._identify(request, user),

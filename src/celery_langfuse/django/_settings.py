@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 from ..config import ConfigurationError
-from ..web._core import DEFAULT_EXCLUDED_PATHS, WebTracingConfig
+from ..web import DEFAULT_EXCLUDED_PATHS, WebTracingConfig
 
 SETTING = "CELERY_LANGFUSE_DJANGO"
 
