@@ -103,6 +103,19 @@ def test_misconfigured_settings_py_raises_at_install(
     assert expected in str(excinfo.value)
 
 
+def test_other_langfuse_names_in_settings_py_are_not_ours(django_site: Any) -> None:
+    """settings.py may hold the SDK's own LANGFUSE_* values; they are no install option."""
+    from django.test import override_settings
+
+    with override_settings(LANGFUSE_PUBLIC_KEY="pk-lf-elsewhere", LANGFUSE_SAMPLE_RATE=0.3):
+        app = django_app()
+        try:
+            config = install(app).config
+        finally:
+            uninstall(app)
+    assert config.source_of("sample_rate") == "app config CELERY_LANGFUSE_SAMPLE_RATE"
+
+
 def test_strings_from_settings_py_are_parsed_like_the_environment(django_site: Any) -> None:
     from django.test import override_settings
 

@@ -514,17 +514,20 @@ def app_settings(app: Any) -> dict[str, tuple[Any, str]]:
         )
         return {}
     namespace = getattr(app, "namespace", None)
-    prefix = f"{namespace}_".lower() if namespace else ""
+    namespaced = f"{namespace}_{APP_CONFIG_PREFIX}".upper() if namespace else None
     found: dict[str, tuple[Any, str]] = {}
     for key in keys:
         if not isinstance(key, str):
             continue
-        bare = key.lower()
-        if prefix and bare.startswith(prefix + APP_CONFIG_PREFIX):
-            bare = bare[len(prefix) :]
-        if not bare.startswith(APP_CONFIG_PREFIX):
+        # Ours: Celery-style lower-case keys, and under a namespace its upper-case
+        # spelling. Not ours: LANGFUSE_PUBLIC_KEY and the like, which a Django
+        # settings.py may hold for the SDK and Celery lists with the rest.
+        if key.startswith(APP_CONFIG_PREFIX):
+            name = key[len(APP_CONFIG_PREFIX) :]
+        elif namespaced and key.upper().startswith(namespaced):
+            name = key[len(namespaced) :].lower()
+        else:
             continue
-        name = bare[len(APP_CONFIG_PREFIX) :]
         if name in OTHER_LAYER_KEYS:
             continue
         if name not in SETTING_NAMES:
