@@ -356,3 +356,20 @@ def test_django_wsgi_handler_is_traced(django_site: Any, capture: CaptureServer)
     assert statuses == ["200 OK"]
     request = request_trace(capture, "GET /articles/<year>/").find("GET /articles/<year>/")
     assert request.metadata["path"] == "/articles/1984/"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "readable"),
+    [
+        (r"^articles/(?P<year>[0-9]{4})/$", "articles/<year>/"),
+        (r"^(\d+)/export\.json$", "<var>/export.json"),
+        (r"^blog/(?:page-(?P<page>\d+)/)?$", "blog/page-<page>/"),
+        (r"^files/(?P<path>.*)\Z", "files/<path>"),
+        (r"^v[12]/items/$", "v<var>/items/"),
+        (r"^api/orders/<int:pk>/", "api/orders/<int:pk>/"),  # a path() route below a re_path
+    ],
+)
+def test_regex_routes_read_as_templates(pattern: str, readable: str) -> None:
+    from celery_langfuse.django import simplify_regex
+
+    assert simplify_regex(pattern) == readable
