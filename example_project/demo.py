@@ -31,11 +31,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import httpx
 
@@ -45,6 +45,50 @@ ROOT = Path(__file__).resolve().parent.parent
 DEADLINE_SECONDS = 30.0
 BEAT_INTERVAL_SECONDS = 2.0
 LANGFUSE_KEYS = ("LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL")
+#: A prefork worker that is ready in about a second.
+WORKER_ARGS = (
+    "worker", "-l", "INFO", "-P", "prefork", "-c", "2",
+    "--without-mingle", "--without-gossip", "--without-heartbeat",
+)  # fmt: skip
+
+
+def uvicorn_command(target: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", target,
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def celery_command(app: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", app, *args]
+
+
+@dataclass(frozen=True)
+class Site:
+    """How one variant of the example starts; the burst, checks and report are shared.
+
+    ``commands(port, workdir)`` gives the api, worker and beat command lines, in that
+    order; ``setup`` runs once before them; ``env`` is added to every process's.
+    """
+
+    prog: str
+    commands: Callable[[int, Path], dict[str, list[str]]]
+    env: Mapping[str, str] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    deadline_seconds: float = DEADLINE_SECONDS
+
+
+#: The FastAPI example: uvicorn, a worker and beat with its schedule file.
+FASTAPI = Site(
+    prog="python -m example_project.demo",
+    commands=lambda port, workdir: {
+        "api": uvicorn_command("example_project.api:app", port),
+        "worker": celery_command("example_project.celery_app", *WORKER_ARGS),
+        "beat": celery_command(
+            "example_project.celery_app", "beat", "-l", "INFO", "-s", str(workdir / "beat-schedule")
+        ),
+    },
+)
 
 REPORT = (
     "revenue grew in every region while support costs fell after the new triage flow "
@@ -86,8 +130,8 @@ class DemoResult:
         return not self.problems
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m example_project.demo", description=__doc__)
+def main(argv: list[str] | None = None, site: Site = FASTAPI, description: str = __doc__) -> int:
+    parser = argparse.ArgumentParser(prog=site.prog, description=description)
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("DEMO_REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -105,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(
         redis_url=None if args.no_redis else args.redis_url,
         real_langfuse=None if not args.capture else False,
+        site=site,
     )
     return 0 if result.ok else 1
 
@@ -114,6 +159,7 @@ def run(
     redis_url: str | None = "redis://127.0.0.1:6379/0",
     real_langfuse: bool | None = None,
     out: TextIO = sys.stdout,
+    site: Site = FASTAPI,
 ) -> DemoResult:
     """Run the demo once. ``real_langfuse=None`` decides from the LANGFUSE_* variables."""
     if real_langfuse is None:
@@ -146,10 +192,20 @@ def run(
             "SUMMARIES_DATABASE": str(database),
             "BEAT_INTERVAL_SECONDS": str(BEAT_INTERVAL_SECONDS),
             "LANGFUSE_TRACING_ENVIRONMENT": os.environ.get("LANGFUSE_TRACING_ENVIRONMENT", "demo"),
+            **site.env,
         }
-        services = stack.enter_context(_services(env, port, workdir))
+        deadline = time.monotonic() + site.deadline_seconds
+        if site.setup:
+            progress.say(f"setting up: {' '.join(site.setup)}")
+            subprocess.run(
+                [sys.executable, *site.setup],
+                cwd=ROOT,
+                env=env,
+                check=True,
+                timeout=site.deadline_seconds,
+            )
+        services = stack.enter_context(_services(env, site.commands(port, workdir), workdir))
         base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + DEADLINE_SECONDS
 
         progress.step("starting api, worker and beat", lambda: _ready(services, base_url), deadline)
         with httpx.Client(base_url=base_url, timeout=10) as http:
@@ -346,51 +402,10 @@ class Service:
 
 
 @contextmanager
-def _services(env: dict[str, str], port: int, workdir: Path) -> Iterator[list[Service]]:
-    celery = [sys.executable, "-m", "celery", "-A", "example_project.celery_app"]
-    services = [
-        Service(
-            "api",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "example_project.api:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            env,
-            workdir,
-        ),
-        Service(
-            "worker",
-            [
-                *celery,
-                "worker",
-                "-l",
-                "INFO",
-                "-P",
-                "prefork",
-                "-c",
-                "2",
-                "--without-mingle",
-                "--without-gossip",
-                "--without-heartbeat",
-            ],
-            env,
-            workdir,
-        ),
-        Service(
-            "beat",
-            [*celery, "beat", "-l", "INFO", "-s", str(workdir / "beat-schedule")],
-            env,
-            workdir,
-        ),
-    ]
+def _services(
+    env: dict[str, str], commands: dict[str, list[str]], workdir: Path
+) -> Iterator[list[Service]]:
+    services = [Service(name, command, env, workdir) for name, command in commands.items()]
     try:
         yield services
     except BaseException:
@@ -471,7 +486,7 @@ class Progress:
             self.say(f"{self._elapsed()} {stage}...")
         while not condition():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"demo: gave up while {stage} ({DEADLINE_SECONDS:.0f} s)")
+                raise TimeoutError(f"demo: gave up while {stage} (past its deadline)")
             self._draw()
             time.sleep(0.1)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from . import client
-from .config import ENV_PREFIX, ENV_VARIABLES, SETTING_NAMES, TracingConfig
+from .config import ENV_PREFIX, ENV_VARIABLES, SETTING_NAMES, TracingConfig, app_settings
 
 _SECRET_MASK = "****"
 _SHOWN_SDK_VARIABLES = (
@@ -118,7 +118,7 @@ def doctor(args: argparse.Namespace) -> int:
             f"install(app) was not called when {args.app} was imported; settings below are "
             "what install(app) would use with no arguments"
         )
-        config = TracingConfig.resolve({})
+        config = TracingConfig.resolve({}, app_config=app_settings(app))
     else:
         config = installation.config
         if installation.enabled:

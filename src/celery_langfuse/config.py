@@ -6,19 +6,25 @@ Every setting is resolved once, at ``install()``, from the first source that has
 2. a ``CELERY_LANGFUSE_<SETTING>`` environment variable;
 3. for ``flush_at`` / ``flush_interval`` only, the SDK's own ``LANGFUSE_FLUSH_AT`` /
    ``LANGFUSE_FLUSH_INTERVAL`` (the SDK variables keep their meaning);
-4. the environment preset (``development``, ``staging``, ``production``), chosen by
+4. the Celery app's configuration: key ``langfuse_<setting>`` of ``app.conf``, which
+   is ``CELERY_LANGFUSE_<SETTING>`` in Django's settings.py when the app reads them
+   with ``config_from_object("django.conf:settings", namespace="CELERY")``
+   (:func:`app_settings`);
+5. the environment preset (``development``, ``staging``, ``production``), chosen by
    the ``preset`` setting or, without one, by ``LANGFUSE_TRACING_ENVIRONMENT``;
-5. the default.
+6. the default.
 
 A wrong value raises :class:`ConfigurationError` naming the setting as it was given
-(``sample_rate=1.5`` or ``CELERY_LANGFUSE_SAMPLE_RATE='1.5'``), the value, and what
-is allowed. Patterns and masks are compiled here, once, so the handlers never parse a
-setting or read the environment per task.
+(``sample_rate=1.5``, ``CELERY_LANGFUSE_SAMPLE_RATE='1.5'`` or, from the app's
+configuration, ``CELERY_LANGFUSE_SAMPLE_RATE=1.5``), the value, and what is allowed.
+Patterns and masks are compiled here, once, so the handlers never parse a setting or
+read the environment per task.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -28,6 +34,8 @@ from typing import Any, Callable, Optional, Union
 
 from .payload import PayloadCapture, Redactor
 from .sampling import Sampler, TaskPolicy
+
+log = logging.getLogger(__name__)
 
 
 class ConfigurationError(ValueError):
@@ -200,10 +208,17 @@ class TracingConfig:
 
     @classmethod
     def resolve(
-        cls, options: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None
+        cls,
+        options: Mapping[str, Any],
+        environ: Optional[Mapping[str, str]] = None,
+        app_config: Optional[Mapping[str, tuple[Any, str]]] = None,
     ) -> TracingConfig:
-        """The settings of one ``install(app, **options)``, from every source in order."""
+        """The settings of one ``install(app, **options)``, from every source in order.
+
+        ``app_config`` is what :func:`app_settings` read from the app's configuration.
+        """
         environ = os.environ if environ is None else environ
+        app_config = app_config or {}
         unknown = sorted(set(options) - set(SETTING_NAMES))
         if unknown:
             raise ConfigurationError(
@@ -213,7 +228,7 @@ class TracingConfig:
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
         for setting in _SETTINGS:
-            found = _from_sources(setting, options, environ, values.get("preset"))
+            found = _from_sources(setting, options, environ, app_config, values.get("preset"))
             if found is not None:
                 values[setting.name], sources[setting.name] = found
         config = cls(**values)
@@ -251,7 +266,11 @@ class _Setting:
 
 
 def _from_sources(
-    setting: _Setting, options: Mapping[str, Any], environ: Mapping[str, str], preset: Optional[str]
+    setting: _Setting,
+    options: Mapping[str, Any],
+    environ: Mapping[str, str],
+    app_config: Mapping[str, tuple[Any, str]],
+    preset: Optional[str],
 ) -> Optional[tuple[Any, str]]:
     """``(value, source)`` from the first source that sets ``setting``, validated."""
     name = setting.name
@@ -272,6 +291,12 @@ def _from_sources(
         value = setting.parse(raw)
         _require(f"{variable}={_shown(raw, setting)}", value, setting)
         return value, variable
+    if name in app_config:
+        given, key = app_config[name]
+        # settings.py often reads the environment, so a string is parsed as one would be.
+        value = setting.parse(given) if isinstance(given, str) and setting.parse else given
+        _require(f"{key}={_shown(given, setting)}", value, setting)
+        return value, f"app config {key}"
     if name == "preset":
         named = environ.get("LANGFUSE_TRACING_ENVIRONMENT", "").strip().lower()
         if named in PRESET_ALIASES:
@@ -525,6 +550,68 @@ _SETTINGS: tuple[_Setting, ...] = (
 SETTING_NAMES: tuple[str, ...] = tuple(setting.name for setting in _SETTINGS)
 #: The environment variable of each setting that can be set from the environment.
 ENV_VARIABLES: Mapping[str, str] = {s.name: s.env for s in _SETTINGS if s.parse is not None}
+
+#: Prefix of this library's keys in a Celery app's configuration.
+APP_CONFIG_PREFIX = "langfuse_"
+#: ``langfuse_<name>`` keys of an app's configuration read by another layer, not by
+#: ``install``: the Django middleware's settings (``CELERY_LANGFUSE_DJANGO``).
+OTHER_LAYER_KEYS: frozenset[str] = frozenset({"django"})
+
+
+def app_settings(app: Any) -> dict[str, tuple[Any, str]]:
+    """``{setting: (value, key as written)}`` for each ``langfuse_<setting>`` key of
+    ``app.conf``, the app's configuration.
+
+    Under a namespace the key is spelled as the user wrote it: with
+    ``config_from_object("django.conf:settings", namespace="CELERY")`` that is
+    ``CELERY_LANGFUSE_SAMPLE_RATE`` in settings.py (Celery also answers
+    ``app.conf.langfuse_sample_rate`` for it). Reading ``app.conf`` loads a lazy
+    configuration, so ``install(app)`` belongs after ``config_from_object``. An unknown
+    ``langfuse_*`` key raises :class:`ConfigurationError`: a misspelt setting would
+    otherwise be ignored without a word.
+    """
+    try:
+        conf = app.conf
+        keys = list(conf.keys())
+    except Exception:  # say, Django settings that cannot be loaded yet
+        log.warning(
+            "celery-langfuse: could not read the configuration of app %r, so none of its "
+            "langfuse_* settings apply; call install(app) after app.config_from_object(...) "
+            "where that configuration can be loaded",
+            getattr(app, "main", app),
+            exc_info=True,
+        )
+        return {}
+    namespace = getattr(app, "namespace", None)
+    namespaced = f"{namespace}_{APP_CONFIG_PREFIX}".upper() if namespace else None
+    found: dict[str, tuple[Any, str]] = {}
+    for key in keys:
+        if not isinstance(key, str):
+            continue
+        # Ours: Celery-style lower-case keys, and under a namespace its upper-case
+        # spelling. Not ours: LANGFUSE_PUBLIC_KEY and the like, which a Django
+        # settings.py may hold for the SDK and Celery lists with the rest.
+        if key.startswith(APP_CONFIG_PREFIX):
+            name = key[len(APP_CONFIG_PREFIX) :]
+        elif namespaced and key.upper().startswith(namespaced):
+            name = key[len(namespaced) :].lower()
+        else:
+            continue
+        if name in OTHER_LAYER_KEYS:
+            continue
+        if name not in SETTING_NAMES:
+            raise ConfigurationError(
+                f"celery-langfuse setting {key} in the app's configuration is unknown; "
+                f"allowed: {', '.join(_app_key(n, namespace) for n in SETTING_NAMES)}"
+            )
+        found[name] = (conf[key], key)
+    return found
+
+
+def _app_key(name: str, namespace: Optional[str]) -> str:
+    """How a user writes setting ``name`` in the app's configuration."""
+    key = APP_CONFIG_PREFIX + name
+    return f"{namespace}_{key}".upper() if namespace else key
 
 
 def _require(label: str, value: Any, setting: _Setting) -> None:

@@ -27,7 +27,7 @@ from celery import Celery, signals
 
 from . import client, export, publish
 from .beat import BeatTracing
-from .config import TracingConfig
+from .config import TracingConfig, app_settings
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
 
@@ -162,7 +162,7 @@ def install(app: Celery, **options: Any) -> Installation:
         existing = _installations.get(id(app))
         if existing is not None:
             return existing
-        config = TracingConfig.resolve(options)
+        config = TracingConfig.resolve(options, app_config=app_settings(app))
         off_reason = None
         if not config.enabled:
             off_reason = f"disabled by enabled=False ({config.source_of('enabled')})"

@@ -254,13 +254,14 @@ class RequestTrace:
         except Exception:
             warn_rate_limited(log, "web-detach", "celery-langfuse: could not detach a request")
 
-    def end(self, route: str | None) -> None:
-        """Name the observation after ``route``, record the outcome and end it."""
+    def end(self, route: str | None, metadata: dict[str, Any] | None = None) -> None:
+        """Name the observation after ``route``, record the outcome (and the framework's
+        ``metadata`` about the matched route, if any) and end it."""
         try:
             self._observation.update(
                 name=f"{self.request.method} {route}" if route else self.request.method,
                 output={"status_code": self.status_code} if self.status_code else None,
-                metadata={"route": route, "status_code": self.status_code},
+                metadata={**(metadata or {}), "route": route, "status_code": self.status_code},
                 **_level(self.status_code, self._failure),
             )
         except Exception:

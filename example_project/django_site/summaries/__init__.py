@@ -1,0 +1,1 @@
+"""The summaries app: a model, the views that enqueue work, the tasks."""

@@ -1,0 +1,1 @@
+"""The tests' Django app: orders, views that publish tasks, the tasks."""
