@@ -169,7 +169,7 @@ def test_a_full_queue_warns_once_per_interval(
     assert queue.stats().count("dropped_batches") >= 1
 
 
-def test_unreachable_redis_loses_the_batch_quietly_and_never_raises(
+def test_unreachable_redis_holds_the_batches_warns_once_and_never_raises(
     fresh_warnings: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="celery_langfuse")
@@ -180,10 +180,16 @@ def test_unreachable_redis_loses_the_batch_quietly_and_never_raises(
 
     started = time.monotonic()
     results = [exporter.export(make_spans(3)) for _ in range(3)]
-    assert results == [SpanExportResult.FAILURE] * 3
+    assert results == [SpanExportResult.SUCCESS] * 3  # held, not lost
     assert time.monotonic() - started < 10
-    lost = [r for r in caplog.records if "could not write" in r.getMessage()]
-    assert len(lost) == 1
+    assert exporter.stats().held_spans == 9
+    down = [r for r in caplog.records if "cannot write to the durable queue" in r.getMessage()]
+    assert len(down) == 1
+    # Exiting with Redis still down and no spill directory: counted and said.
+    assert exporter.settle_at_exit(timeout=0.5).spans == 9
+    assert exporter.stats().dropped_spans == 9
+    assert any("lost 9 span(s)" in r.getMessage() for r in caplog.records)
+    exporter.queue.close()
 
 
 # -- the forwarder ----------------------------------------------------------------------

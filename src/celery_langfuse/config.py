@@ -104,13 +104,25 @@ class TracingConfig:
         to a bounded queue in Redis, and ``celery-langfuse forward`` sends them on,
         deleting each batch only once Langfuse accepted it (docs/reliability.md).
     durable_url:
-        The Redis that holds the durable queue (``redis://``, ``rediss://`` or
-        ``unix://``); required with ``export="durable"``, refused without it.
+        Where the durable queue lives: a Redis (``redis://``, ``rediss://``,
+        ``unix://``), a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``) or
+        RabbitMQ (``amqp://``, ``amqps://``); required with ``export="durable"``,
+        refused without it. ``install()`` connects once and raises if it cannot.
     durable_queue:
-        Name of the durable queue, so several apps or projects can share one Redis.
+        Name of the durable queue, so several apps or projects can share one server.
     durable_max_bytes:
         Upper bound on the span data the durable queue holds; past it the oldest
         batches are dropped, counted and logged.
+    durable_buffer_bytes:
+        Per process: span data held in memory while the queue does not answer,
+        written once it does; past it the oldest go to ``durable_spill_dir``, or are
+        dropped, counted and logged.
+    durable_spill_dir:
+        A local directory for what does not fit in memory during a queue outage, and
+        for what a process still holds when it exits; ``None``: none.
+    durable_spill_max_bytes:
+        Upper bound on the span data in ``durable_spill_dir`` (all processes of the
+        host together); past it the oldest are dropped, counted and logged.
     """
 
     enabled: bool = True
@@ -134,6 +146,9 @@ class TracingConfig:
     durable_url: Optional[str] = None
     durable_queue: str = "celery-langfuse"
     durable_max_bytes: int = 256 * 1024 * 1024
+    durable_buffer_bytes: int = 16 * 1024 * 1024
+    durable_spill_dir: Optional[str] = None
+    durable_spill_max_bytes: int = 1024 * 1024 * 1024
 
     #: Compiled from the settings above: task-name rules and sampling decisions.
     policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
@@ -335,9 +350,8 @@ def _is_rate(value: Any) -> bool:
 
 
 def _is_patterns(value: Any) -> bool:
-    return (
-        isinstance(value, (list, tuple, set, frozenset))
-        and all(isinstance(item, str) and item for item in value)
+    return isinstance(value, (list, tuple, set, frozenset)) and all(
+        isinstance(item, str) and item for item in value
     )
 
 
@@ -351,6 +365,10 @@ def _is_list_setting(setting: _Setting) -> bool:
     return setting.parse in (_parse_list, _parse_rates)
 
 
+_DURABLE_SCHEMES = tuple(
+    f"{scheme}://"
+    for scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "amqp", "amqps")
+)
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _BOOL = "true or false"
 _PATTERNS = "a list of task name patterns (fnmatch), comma-separated in the environment"
@@ -432,10 +450,9 @@ _SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting(
         "durable_url",
-        lambda v: (
-            v is None or (isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://")))
-        ),
-        "a redis://, rediss:// or unix:// URL",
+        lambda v: v is None or (isinstance(v, str) and v.lower().startswith(_DURABLE_SCHEMES)),
+        "a redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, amqp:// "
+        "or amqps:// URL",
         str.strip,
     ),
     _Setting(
@@ -446,6 +463,24 @@ _SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting(
         "durable_max_bytes",
+        lambda v: _is_int(v) and v >= 1024 * 1024,
+        "a whole number of bytes, at least 1048576 (1 MiB)",
+        _parse_int,
+    ),
+    _Setting(
+        "durable_buffer_bytes",
+        lambda v: _is_int(v) and v >= 64 * 1024,
+        "a whole number of bytes, at least 65536 (64 KiB)",
+        _parse_int,
+    ),
+    _Setting(
+        "durable_spill_dir",
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "a directory path, or None",
+        str.strip,
+    ),
+    _Setting(
+        "durable_spill_max_bytes",
         lambda v: _is_int(v) and v >= 1024 * 1024,
         "a whole number of bytes, at least 1048576 (1 MiB)",
         _parse_int,
