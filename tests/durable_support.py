@@ -65,7 +65,9 @@ class RedisServer:
                 return
             except Exception:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise AssertionError(f"redis-server on port {self.port} did not start") from None
+                    raise AssertionError(
+                        f"redis-server on port {self.port} did not start"
+                    ) from None
                 time.sleep(0.05)
 
     def kill(self) -> None:

@@ -285,7 +285,7 @@ if ARGV[3] ~= 'forwarded' then
   redis.call('XADD', KEYS[3], unpack(copy))
 end
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], 'bytes', -bytes)
+redis.call('HINCRBY', KEYS[2], 'bytes', 0 - bytes)  -- not -bytes: -0 is no integer
 redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_batches', 1)
 redis.call('HINCRBY', KEYS[2], ARGV[3] .. '_spans', spans)
 return 1
