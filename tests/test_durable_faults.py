@@ -126,7 +126,7 @@ class _LimitingProxy:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 spans = count_spans(body)
                 proxy.sizes.append(spans)
