@@ -164,7 +164,7 @@ def _durable_exporter(durable: Optional[DurableExport]) -> Any:
     from .durable import DurableSpanExporter, open_queue
 
     return DurableSpanExporter(
-        open_queue(durable.url, durable.queue),
+        open_queue(durable.url, durable.queue, durable.max_bytes),
         durable.max_bytes,
         buffer_bytes=durable.buffer_bytes,
         spill_dir=durable.spill_dir,

@@ -78,6 +78,8 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_BUFFER_BYTES = 16 * 1024 * 1024
 DEFAULT_SPILL_MAX_BYTES = 1024 * 1024 * 1024
 GROUP = "forwarders"
+#: Seconds after which a consumer with nothing pending is forgotten (Redis).
+FORGET_CONSUMERS_AFTER = 3600.0
 #: Entries the dead-letter stream keeps at most (the newest).
 DEAD_LETTER_MAX = 10_000
 
@@ -157,12 +159,16 @@ class DurableQueue(Protocol):
     def renew(self, consumer: str, batch: Batch) -> bool: ...
     def settle(self, batch: Batch, outcome: str, reason: str = "") -> bool: ...
     def split(self, batch: Batch, parts: Sequence[tuple[bytes, int]]) -> bool: ...
-    def forget_idle_consumers(self, idle_seconds: float, keep: str) -> list[str]: ...
+    def housekeeping(self, consumer: str) -> None: ...
     def stats(self) -> QueueStats: ...
 
 
-def open_queue(url: str, name: str = DEFAULT_QUEUE) -> DurableQueue:
+def open_queue(
+    url: str, name: str = DEFAULT_QUEUE, max_bytes: Optional[int] = None
+) -> DurableQueue:
     """The queue at ``url``, on the engine its scheme names. Connects lazily.
+    ``max_bytes``: a producer's bound, which RabbitMQ declares with the queue (Redis
+    applies it on every append instead); None for a forwarder.
 
     Raises :class:`QueueUnavailable` when the engine's client library is missing,
     ValueError for a scheme no engine serves.
@@ -173,7 +179,7 @@ def open_queue(url: str, name: str = DEFAULT_QUEUE) -> DurableQueue:
             from .durable_amqp import AmqpSpanQueue
         except ImportError as error:
             raise QueueUnavailable(_missing_extra(error)) from error
-        return AmqpSpanQueue.from_url(url, name)  # type: ignore[no-any-return]
+        return AmqpSpanQueue.from_url(url, name, max_bytes)
     if scheme in REDIS_SCHEMES or scheme in CLUSTER_SCHEMES:
         try:
             import redis  # noqa: F401
@@ -183,11 +189,11 @@ def open_queue(url: str, name: str = DEFAULT_QUEUE) -> DurableQueue:
     raise ValueError(f"no durable queue engine serves {scheme!r} URLs")
 
 
-def check_url(url: str, name: str = DEFAULT_QUEUE) -> None:
+def check_url(url: str, name: str = DEFAULT_QUEUE, max_bytes: Optional[int] = None) -> None:
     """Connect to the queue at ``url`` once, as ``install()`` does; raise
     :class:`QueueUnavailable` saying what to do when that fails."""
     try:
-        queue = open_queue(url, name)
+        queue = open_queue(url, name, max_bytes)
     except ValueError as error:
         raise QueueUnavailable(str(error)) from error
     try:
@@ -477,6 +483,10 @@ class SpanQueue:
         for data, spans in parts:
             args += [data, spans]
         return bool(self._split(keys=[self.stream, self.stats_key], args=args))
+
+    def housekeeping(self, consumer: str) -> None:
+        """A forwarder's periodic chores: forget the consumers of forwarders that exited."""
+        self.forget_idle_consumers(FORGET_CONSUMERS_AFTER, keep=consumer)
 
     def forget_idle_consumers(self, idle_seconds: float, keep: str) -> list[str]:
         """Remove consumers with nothing pending, idle for ``idle_seconds``: the names

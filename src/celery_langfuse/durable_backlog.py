@@ -253,6 +253,13 @@ class Backlog:
         and returned."""
         before = Counts(self.dropped.batches, self.dropped.spans)
         with self._lock:
+            # A batch still being written counts as not written: the process exits
+            # before the attempt can be relied on.
+            in_flight, evicted = self._in_flight, self._in_flight_evicted
+            self._in_flight, self._in_flight_evicted = None, False
+            if in_flight is not None and evicted:
+                self._memory_bytes += len(in_flight.data)
+                self._evict(in_flight)
             while self._memory:
                 self._evict(self._memory.popleft())
         return Counts(self.dropped.batches - before.batches, self.dropped.spans - before.spans)

@@ -53,7 +53,6 @@ _TOO_LARGE = 413
 #: Seconds between two "the queue still does not answer" warnings.
 _OUTAGE_REMINDER = 300.0
 _MAX_RETRY_AFTER = 300.0
-_FORGET_CONSUMERS_AFTER = 3600.0
 _STATS_EVERY = 60.0
 
 
@@ -439,7 +438,7 @@ class Forwarder:
             return
         self._last_housekeeping = now
         try:
-            self.queue.forget_idle_consumers(_FORGET_CONSUMERS_AFTER, keep=self.consumer)
+            self.queue.housekeeping(self.consumer)
             stats = self.queue.stats()
         except Exception:
             return  # the main loop reports queue errors

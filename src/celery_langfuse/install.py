@@ -235,7 +235,7 @@ def _check_durable_queue(config: TracingConfig) -> None:
     from .durable import QueueUnavailable, check_url, redact
 
     try:
-        check_url(config.durable_url or "", config.durable_queue)
+        check_url(config.durable_url or "", config.durable_queue, config.durable_max_bytes)
     except QueueUnavailable as error:
         raise ConfigurationError(
             f"celery-langfuse setting durable_url={redact(config.durable_url or '')!r}: {error}"
