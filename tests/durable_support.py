@@ -7,14 +7,17 @@ a ``redis-server`` of its own on a free port, in a temporary directory, and kill
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -218,3 +221,91 @@ def by_task_id(observations: list[Any], prefix: str) -> dict[str, list[Any]]:
         if observation.name.startswith(prefix):
             grouped.setdefault(observation.metadata.get("task_id"), []).append(observation)
     return grouped
+
+
+class RabbitNode:
+    """A RabbitMQ node of the test's own (no plugins), on free ports, in a temporary
+    directory: the machine's shared broker is never restarted. ``kill`` is SIGKILL of
+    the node's VM (a crash); ``start`` again recovers its durable queues."""
+
+    def __init__(self) -> None:
+        # Not under pytest's tmp_path: the node runs as the rabbitmq user, which must
+        # be able to reach its directory.
+        directory = Path(tempfile.mkdtemp(prefix="durable-rabbit-"))
+        directory.chmod(0o755)
+        self.directory = directory
+        self.port = free_port()
+        self.name = f"durable-{uuid.uuid4().hex[:8]}@localhost"
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "enabled_plugins").write_text("[].\n")
+        (directory / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {self.port}\nloopback_users = none\n"
+        )
+        for sub in ("mnesia", "log"):
+            (directory / sub).mkdir(exist_ok=True)
+        # rabbitmq-server runs the node as the rabbitmq user when started as root.
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(directory)], check=False)
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> None:
+        binary = shutil.which("rabbitmq-server")
+        assert binary, "rabbitmq-server is not installed"
+        d = self.directory
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_MNESIA_DIR": str(d / "mnesia" / "node"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(d / "mnesia" / "feature_flags"),
+            "RABBITMQ_QUORUM_DIR": str(d / "mnesia" / "quorum"),
+            "RABBITMQ_STREAM_DIR": str(d / "mnesia" / "stream"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(d / "plugins-expand"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+            "RABBITMQ_PID_FILE": str(d / "pid"),
+        }
+        with open(d / "out.log", "ab") as out:
+            self.process = subprocess.Popen([binary], env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                import amqp
+
+                connection = amqp.Connection(f"127.0.0.1:{self.port}", connect_timeout=2)
+                connection.connect()
+                connection.close()
+                return
+            except Exception:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise AssertionError(
+                        f"RabbitMQ node {self.name} did not start:\n"
+                        + (d / "out.log").read_text(errors="replace")[-2000:]
+                    ) from None
+                time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL the node's Erlang VM, as a crash would."""
+        pid_file = self.directory / "pid"
+        if pid_file.exists() and pid_file.read_text().strip().isdigit():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+            pid_file.unlink()
+        if self.process is not None:
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+            self.process = None
+
+    def remove(self) -> None:
+        self.kill()
+        shutil.rmtree(self.directory, ignore_errors=True)

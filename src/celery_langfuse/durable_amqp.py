@@ -247,18 +247,28 @@ class AmqpSpanQueue:
         return []
 
     def renew(self, consumer: str, batch: Batch) -> bool:
-        """Whether ``batch`` is still this forwarder's: its channel is still open (if
-        it closed, the broker put the batch back in the queue)."""
+        """Whether ``batch`` is still this forwarder's: it came on the current channel
+        and the broker still answers on it (one round trip). If the broker went away
+        meanwhile, it puts the batch back in the queue when it returns, and sending it
+        now would only send it twice."""
         with self._lock:
-            return (
-                batch.tag is not None
-                and batch.tag[0] is self._channel
-                and bool(self._channel is not None and self._channel.is_open)
-            )
+            channel = self._channel
+            if batch.tag is None or batch.tag[0] is not channel or not channel.is_open:
+                return False
+            try:
+                channel.queue_declare(self.name, passive=True)
+            except Exception:
+                self._drop_connection()
+                return False
+            return True
+
+    def _holds(self, batch: Batch) -> bool:
+        channel = self._channel
+        return batch.tag is not None and batch.tag[0] is channel and bool(channel.is_open)
 
     def settle(self, batch: Batch, outcome: str, reason: str = "") -> bool:
         with self._lock:
-            if not self.renew("", batch):
+            if not self._holds(batch):
                 return False
             try:
                 if outcome != "forwarded":
@@ -276,7 +286,7 @@ class AmqpSpanQueue:
         the two leaves both: the spans are sent twice, and Langfuse keeps one
         observation per span id."""
         with self._lock:
-            if not self.renew("", batch):
+            if not self._holds(batch):
                 return False
             try:
                 for data, spans in parts:
