@@ -34,7 +34,8 @@ from celery_langfuse.config import ConfigurationError
 from celery_langfuse.durable import DurableSpanExporter, SpanQueue
 from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint
 from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
-from tests.conftest import REDIS_URL, ROOT, require_redis, worker_process
+from tests.conftest import REDIS_URL, require_redis, worker_process
+from tests.durable_support import delivered_once, forwarder_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,14 +107,6 @@ def running(forwarder: Forwarder) -> Iterator[Forwarder]:
         forwarder.stop()
         thread.join(10)
         assert not thread.is_alive()
-
-
-def delivered_once(capture: CaptureServer, ids: set[str]) -> None:
-    deliveries = capture.deliveries
-    missing = ids - set(deliveries)
-    repeated = {span_id: n for span_id, n in deliveries.items() if span_id in ids and n != 1}
-    assert not missing, f"{len(missing)} of {len(ids)} spans never arrived"
-    assert not repeated, f"spans delivered more than once: {repeated}"
 
 
 # -- the queue and the exporter -------------------------------------------------------
@@ -281,54 +274,6 @@ def test_several_forwarders_share_the_queue_without_sending_a_batch_twice(
 
 
 # -- forwarder processes ---------------------------------------------------------------
-
-
-@contextmanager
-def forwarder_process(
-    capture: CaptureServer, queue_name: str, name: str, tmp_path: Path, *extra: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    log_path = tmp_path / f"forwarder-{name}.log"
-    env = {
-        **os.environ,
-        **capture.env,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery_langfuse.cli",
-                "forward",
-                "--redis-url",
-                REDIS_URL,
-                "--queue",
-                queue_name,
-                "--consumer",
-                name,
-                "--max-backoff",
-                "0.3",
-                "--timeout",
-                "1",
-                "--claim-timeout",
-                "3",
-                *extra,
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        process.log = log_path.read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 def test_a_forwarder_killed_mid_batch_loses_nothing_and_sends_nothing_twice(

@@ -151,6 +151,15 @@ class _LimitingProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def forwarder(self, queue_name: str) -> Forwarder:
+        """A forwarder of ``queue_name`` that sends through this proxy."""
+        return Forwarder(
+            SpanQueue.from_url(REDIS_URL, queue_name),
+            LangfuseEndpoint(self.url, PUBLIC_KEY, SECRET_KEY, timeout=5),
+            max_backoff=0.1,
+            block=0.1,
+        )
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -161,12 +170,7 @@ def test_a_413_splits_the_batch_until_each_part_is_accepted_never_looping(
 ) -> None:
     ids = fill(queue, batches=2, spans_per_batch=10)
     proxy = _LimitingProxy(capture.base_url, limit=3)
-    forwarder = Forwarder(
-        SpanQueue.from_url(REDIS_URL, queue_name),
-        LangfuseEndpoint(proxy.url, PUBLIC_KEY, SECRET_KEY, timeout=5),
-        max_backoff=0.1,
-        block=0.1,
-    )
+    forwarder = proxy.forwarder(queue_name)
     try:
         with running(forwarder):
             capture.wait_for(lambda s: len(s.deliveries) == 20, timeout=30)
@@ -188,12 +192,7 @@ def test_a_413_for_a_single_span_moves_it_to_the_dead_letters(
     fill(queue, batches=1, spans_per_batch=1)
     ids = fill(queue, batches=1, spans_per_batch=1)  # a second, deliverable one
     proxy = _LimitingProxy(capture.base_url, limit=0)  # even one span is too large
-    forwarder = Forwarder(
-        SpanQueue.from_url(REDIS_URL, queue_name),
-        LangfuseEndpoint(proxy.url, PUBLIC_KEY, SECRET_KEY, timeout=5),
-        max_backoff=0.1,
-        block=0.1,
-    )
+    forwarder = proxy.forwarder(queue_name)
     try:
         with running(forwarder):
             capture.wait_for(lambda s: queue.stats().batches == 0, timeout=30)

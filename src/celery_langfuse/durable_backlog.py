@@ -65,6 +65,12 @@ class SpillDir:
         self.max_bytes = max_bytes
         self._seq = itertools.count()
         self.path.mkdir(parents=True, exist_ok=True)
+        # Bytes held at the last full scan plus those written since: a full scan of a
+        # large directory on every write would cost more the longer the outage.
+        self._held_estimate = 0
+        self._scanned_at = -1.0
+        #: Names from the last listing, oldest first, for take_oldest.
+        self._oldest_first: deque[str] = deque()
 
     def write(self, data: bytes, spans: int) -> Counts:
         """Store a batch, first removing the oldest files as the bound requires; what
@@ -73,29 +79,42 @@ class SpillDir:
         if len(data) > self.max_bytes:
             dropped.add(1, spans)
             return dropped
-        files = self._files()
-        held = sum(size for _, size in files) + self._taken_bytes()
-        for name, size in files:
-            if held + len(data) <= self.max_bytes:
-                break
-            if self._take(name) is not None:
-                path = self.path / f"{name}.{os.getpid()}"
-                path.unlink(missing_ok=True)
-                dropped.add(1, _spans_of(name))
-            held -= size
+        now = time.monotonic()
+        if self._held_estimate + len(data) > self.max_bytes or now - self._scanned_at > 1.0:
+            # Near the bound (or a second since the last look, other processes write
+            # here too): count exactly, and make room from the oldest.
+            self._scanned_at = now
+            files = self._files()
+            held = sum(size for _, size in files) + self._taken_bytes()
+            for name, size in files:
+                if held + len(data) <= self.max_bytes:
+                    break
+                if self._take(name) is not None:
+                    (self.path / f"{name}.{os.getpid()}").unlink(missing_ok=True)
+                    dropped.add(1, _spans_of(name))
+                held -= size
+            self._held_estimate = held
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq)}-{spans}{_SUFFIX}"
         temporary = self.path / f".{name}.tmp"
         temporary.write_bytes(data)
         os.replace(temporary, self.path / name)
+        self._held_estimate += len(data)
         return dropped
 
     def take_oldest(self) -> Optional[Held]:
         """The oldest batch no other process took; it is this process's until
         :meth:`done` or :meth:`put_back`."""
-        for name, _ in self._files():
-            data = self._take(name)
-            if data is not None:
-                return Held(data, _spans_of(name), self.path / f"{name}.{os.getpid()}")
+        for refill in (False, True):
+            if refill:
+                self._oldest_first = deque(sorted(
+                    e.name for e in self._entries()
+                    if e.name.endswith(_SUFFIX) and not e.name.startswith(".")
+                ))  # fmt: skip
+            while self._oldest_first:
+                name = self._oldest_first.popleft()
+                data = self._take(name)
+                if data is not None:
+                    return Held(data, _spans_of(name), self.path / f"{name}.{os.getpid()}")
         return None
 
     def done(self, held: Held) -> None:
