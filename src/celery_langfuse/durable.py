@@ -174,6 +174,10 @@ def open_queue(
     ValueError for a scheme no engine serves.
     """
     scheme = urlsplit(url).scheme.lower()
+    try:  # what the exporter encodes with, whatever the engine
+        from opentelemetry.exporter.otlp.proto.common import trace_encoder  # noqa: F401
+    except ImportError as error:
+        raise QueueUnavailable(_missing_extra(error)) from error
     if scheme in AMQP_SCHEMES:
         try:
             from .durable_amqp import AmqpSpanQueue
