@@ -116,16 +116,8 @@ def worker_process(
     queue = queue or f"q-{uuid.uuid4().hex[:8]}"
     with celery_process(
         [
-            "worker",
-            "-Q",
-            queue,
-            "-l",
-            "INFO",
-            "-n",
-            f"{queue}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
+            "worker", "-Q", queue, "-l", "INFO", "-n", f"{queue}@%h",
+            "--without-mingle", "--without-gossip", "--without-heartbeat",
             *extra_args,
         ],
         capture_env=capture_env,
@@ -153,14 +145,8 @@ def beat_process(
     sending to ``queue`` and re-reading its schedule at least once a second."""
     with celery_process(
         [
-            "beat",
-            "-l",
-            "INFO",
-            "-s",
-            str(tmp_path / f"schedule-{queue}"),
-            "--max-interval",
-            "1",
-            *extra_args,
+            "beat", "-l", "INFO", "-s", str(tmp_path / f"schedule-{queue}"),
+            "--max-interval", "1", *extra_args,
         ],
         capture_env=capture_env,
         queue=queue,

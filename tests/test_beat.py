@@ -124,9 +124,7 @@ def test_each_run_of_an_entry_is_its_own_root_trace(cron_session: dict[str, list
         assert entry.startswith("tick-")
         assert_is_cron_trace(trace, entry, ADD)
         assert [obs.name for obs in trace.observations] == [
-            f"cron {entry}",
-            f"publish {ADD}",
-            ADD,
+            f"cron {entry}", f"publish {ADD}", ADD
         ], trace.tree()
 
 
@@ -217,8 +215,7 @@ def test_a_cron_run_that_expired_in_the_queue_scores_cron_success_0(
 ) -> None:
     server, entry = langfuse_capture_clean, f"expired-{uuid.uuid4().hex[:8]}"
     tasks_app.add.apply_async(
-        (1, 2),
-        expires=datetime.now(timezone.utc) - timedelta(seconds=1),
+        (1, 2), expires=datetime.now(timezone.utc) - timedelta(seconds=1),
         headers=beat_headers(entry, time.time()),
     )
     with in_thread_worker(tasks_app.app):
@@ -260,12 +257,9 @@ def test_redbeat_runs_are_root_traces(
     tick = entry_name("tick", queue)
     redbeat = ("-S", "redbeat.RedBeatScheduler")
     try:
-        with (
-            worker_process(
-                server.env, queue=queue, module="tests.support.beat_app", tmp_path=tmp_path
-            ),
-            beat_process(server.env, *redbeat, queue=queue, tmp_path=tmp_path),
-        ):
+        with worker_process(
+            server.env, queue=queue, module="tests.support.beat_app", tmp_path=tmp_path
+        ), beat_process(server.env, *redbeat, queue=queue, tmp_path=tmp_path):
             server.wait_for(lambda s: len(cron_traces(s, tick, ADD)) >= 2, timeout=20)
     finally:
         _delete_keys(f"*{queue}*")
@@ -288,13 +282,8 @@ def test_beat_embedded_in_a_worker_traces_its_runs_and_sends_them_at_once(
     # without exit hooks, so each run's root must be sent right away, not batched.
     try:
         with worker_process(
-            server.env,
-            "-B",
-            "-s",
-            str(tmp_path / "schedule"),
-            queue=queue,
-            module="tests.support.beat_app",
-            env={"LANGFUSE_FLUSH_INTERVAL": "30"},
+            server.env, "-B", "-s", str(tmp_path / "schedule"), queue=queue,
+            module="tests.support.beat_app", env={"LANGFUSE_FLUSH_INTERVAL": "30"},
             tmp_path=tmp_path,
         ):
             server.wait_for(lambda s: len(roots_of(s, tick)) >= 2, timeout=10)
@@ -337,15 +326,11 @@ def test_unreachable_langfuse_does_not_change_the_schedule_nor_delay_shutdown(
     queues = (traced_queue, untraced_queue)
     window = 4.0
     try:
-        with (
-            beat_process(unreachable, queue=traced_queue, tmp_path=tmp_path) as traced,
-            beat_process(
-                unreachable,
-                queue=untraced_queue,
-                tmp_path=tmp_path,
-                env={"CELERY_LANGFUSE_TEST_BEAT_TRACING": "off"},
-            ),
-        ):
+        with beat_process(unreachable, queue=traced_queue, tmp_path=tmp_path) as traced, \
+                beat_process(
+                    unreachable, queue=untraced_queue, tmp_path=tmp_path,
+                    env={"CELERY_LANGFUSE_TEST_BEAT_TRACING": "off"},
+                ):
             # The same window for both, once both are sending (they start one by one).
             _wait_until(lambda: all(_queued(queue) for queue in queues), "both beats to send")
             before = {queue: _queued(queue) for queue in queues}
@@ -412,11 +397,7 @@ def started_beat(app: Any, scheduler_cls: type[beat.Scheduler]) -> Iterator[beat
 def due_entry(app: Any, name: str, overdue: float = 2.0) -> beat.ScheduleEntry:
     """An entry running every 30 s whose run has been due for ``overdue`` seconds."""
     return beat.ScheduleEntry(
-        name=name,
-        task=ADD,
-        schedule=timedelta(seconds=30),
-        args=(1, 2),
-        app=app,
+        name=name, task=ADD, schedule=timedelta(seconds=30), args=(1, 2), app=app,
         last_run_at=app.now() - timedelta(seconds=30 + overdue),
     )
 

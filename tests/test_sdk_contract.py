@@ -15,16 +15,13 @@ from celery_langfuse.testing import CaptureServer
 def test_propagated_attributes_are_readable_from_the_context(
     langfuse_capture: CaptureServer,
 ) -> None:
-    with (
-        get_client().start_as_current_observation(name="contract"),
-        propagate_attributes(
-            user_id="u",
-            session_id="s",
-            tags=["t"],
-            trace_name="n",
-            environment="staging",
-            metadata={"k": "v"},
-        ),
+    with get_client().start_as_current_observation(name="contract"), propagate_attributes(
+        user_id="u",
+        session_id="s",
+        tags=["t"],
+        trace_name="n",
+        environment="staging",
+        metadata={"k": "v"},
     ):
         read = client.current_trace_attributes()
     assert read == TraceAttributes(

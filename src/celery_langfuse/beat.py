@@ -149,7 +149,9 @@ class BeatTracing:
         scope.callback(otel_context.detach, token)
         import langfuse  # the beat process records its runs through the SDK
 
-        scope.enter_context(langfuse.propagate_attributes(trace_name=entry.name, tags=[BEAT_TAG]))
+        scope.enter_context(
+            langfuse.propagate_attributes(trace_name=entry.name, tags=[BEAT_TAG])
+        )
         scope.enter_context(client.sending_cron_run(CronRun(entry.name, due_at)))
         return scope.enter_context(
             client.get_langfuse().start_as_current_observation(

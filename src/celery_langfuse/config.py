@@ -350,8 +350,9 @@ def _is_rate(value: Any) -> bool:
 
 
 def _is_patterns(value: Any) -> bool:
-    return isinstance(value, (list, tuple, set, frozenset)) and all(
-        isinstance(item, str) and item for item in value
+    return (
+        isinstance(value, (list, tuple, set, frozenset))
+        and all(isinstance(item, str) and item for item in value)
     )
 
 

@@ -152,9 +152,7 @@ class TaskPolicy:
             decision = self.sampler(SamplingContext(task_name, args, kwargs, headers))
         except Exception:
             warn_rate_limited(
-                log,
-                "sampler",
-                "celery-langfuse: sampler raised; using sample_rate for %s",
+                log, "sampler", "celery-langfuse: sampler raised; using sample_rate for %s",
                 task_name,
             )
             return None
@@ -163,12 +161,9 @@ class TaskPolicy:
         if isinstance(decision, (int, float)) and 0.0 <= decision <= 1.0:
             return float(decision)
         warn_rate_limited(
-            log,
-            "sampler-value",
+            log, "sampler-value",
             "celery-langfuse: sampler returned %r for %s; expected a number from 0 to 1 or a "
-            "bool, using sample_rate",
-            decision,
-            task_name,
+            "bool, using sample_rate", decision, task_name,
         )
         return None
 

@@ -419,9 +419,7 @@ class WorkerTracing:
             raise
         for stale in self.runs.push(task_id, run):
             warn_rate_limited(
-                log,
-                "evicted",
-                "celery-langfuse: more than %d runs open; closing the oldest",
+                log, "evicted", "celery-langfuse: more than %d runs open; closing the oldest",
                 self.config.max_open_runs,
             )
             if stale.observation is not None:
@@ -451,10 +449,7 @@ class WorkerTracing:
             # sampled-out one skips that cost: a failure kept from it is its root anyway).
             trace_id = sampling.new_trace_id()
             sampled = self.config.policy.sample_new_trace(
-                trace_id,
-                start.task_name,
-                start.args or (),
-                start.kwargs or {},
+                trace_id, start.task_name, start.args or (), start.kwargs or {},
                 _custom_headers(start.request),
             )
             if sampled:

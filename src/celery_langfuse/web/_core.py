@@ -185,8 +185,7 @@ def _identify(config: WebTracingConfig, request: IncomingRequest) -> TraceAttrib
         return None
     if identified is not None and not isinstance(identified, TraceAttributes):
         warn_rate_limited(
-            log,
-            "web-identify-type",
+            log, "web-identify-type",
             "celery-langfuse: identify() must return TraceAttributes or None, got %s",
             type(identified).__name__,
         )
@@ -229,3 +228,5 @@ def _level(status_code: int | None, failure: tuple[str, str] | None) -> dict[str
     if status_code >= 400:
         return {"level": "WARNING", "status_message": f"HTTP {status_code}"}
     return {}
+
+

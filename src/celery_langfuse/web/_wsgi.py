@@ -108,3 +108,4 @@ def _status_code(status: str) -> int:
         return int(status.split(" ", 1)[0])
     except ValueError:
         return 0
+
