@@ -101,8 +101,8 @@ class TracingConfig:
         run is closed (level WARNING) so the registry can never grow without bound.
     export:
         ``"direct"``: the SDK sends spans to Langfuse itself. ``"durable"``: spans go
-        to a bounded queue in Redis, and ``celery-langfuse forward`` sends them on,
-        deleting each batch only once Langfuse accepted it (docs/reliability.md).
+        to a bounded queue in Redis or RabbitMQ, and ``celery-langfuse forward`` sends
+        them on, removing each batch only once Langfuse answered it (docs/reliability.md).
     durable_url:
         Where the durable queue lives: a Redis (``redis://``, ``rediss://``,
         ``unix://``), a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``) or
