@@ -34,7 +34,8 @@ from celery_langfuse.config import ConfigurationError
 from celery_langfuse.durable import DurableSpanExporter, SpanQueue
 from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint
 from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
-from tests.conftest import REDIS_URL, ROOT, require_redis, worker_process
+from tests.conftest import REDIS_URL, require_redis, worker_process
+from tests.durable_support import delivered_once, forwarder_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,14 +109,6 @@ def running(forwarder: Forwarder) -> Iterator[Forwarder]:
         assert not thread.is_alive()
 
 
-def delivered_once(capture: CaptureServer, ids: set[str]) -> None:
-    deliveries = capture.deliveries
-    missing = ids - set(deliveries)
-    repeated = {span_id: n for span_id, n in deliveries.items() if span_id in ids and n != 1}
-    assert not missing, f"{len(missing)} of {len(ids)} spans never arrived"
-    assert not repeated, f"spans delivered more than once: {repeated}"
-
-
 # -- the queue and the exporter -------------------------------------------------------
 
 
@@ -169,7 +162,7 @@ def test_a_full_queue_warns_once_per_interval(
     assert queue.stats().count("dropped_batches") >= 1
 
 
-def test_unreachable_redis_loses_the_batch_quietly_and_never_raises(
+def test_unreachable_redis_holds_the_batches_warns_once_and_never_raises(
     fresh_warnings: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="celery_langfuse")
@@ -180,10 +173,16 @@ def test_unreachable_redis_loses_the_batch_quietly_and_never_raises(
 
     started = time.monotonic()
     results = [exporter.export(make_spans(3)) for _ in range(3)]
-    assert results == [SpanExportResult.FAILURE] * 3
+    assert results == [SpanExportResult.SUCCESS] * 3  # held, not lost
     assert time.monotonic() - started < 10
-    lost = [r for r in caplog.records if "could not write" in r.getMessage()]
-    assert len(lost) == 1
+    assert exporter.stats().held_spans == 9
+    down = [r for r in caplog.records if "cannot write to the durable queue" in r.getMessage()]
+    assert len(down) == 1
+    # Exiting with Redis still down and no spill directory: counted and said.
+    assert exporter.settle_at_exit(timeout=0.5).spans == 9
+    assert exporter.stats().dropped_spans == 9
+    assert any("lost 9 span(s)" in r.getMessage() for r in caplog.records)
+    exporter.queue.close()
 
 
 # -- the forwarder ----------------------------------------------------------------------
@@ -275,54 +274,6 @@ def test_several_forwarders_share_the_queue_without_sending_a_batch_twice(
 
 
 # -- forwarder processes ---------------------------------------------------------------
-
-
-@contextmanager
-def forwarder_process(
-    capture: CaptureServer, queue_name: str, name: str, tmp_path: Path, *extra: str
-) -> Iterator[subprocess.Popen[bytes]]:
-    log_path = tmp_path / f"forwarder-{name}.log"
-    env = {
-        **os.environ,
-        **capture.env,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery_langfuse.cli",
-                "forward",
-                "--redis-url",
-                REDIS_URL,
-                "--queue",
-                queue_name,
-                "--consumer",
-                name,
-                "--max-backoff",
-                "0.3",
-                "--timeout",
-                "1",
-                "--claim-timeout",
-                "3",
-                *extra,
-            ],
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
-        process.log = log_path.read_text(errors="replace")  # type: ignore[attr-defined]
 
 
 def test_a_forwarder_killed_mid_batch_loses_nothing_and_sends_nothing_twice(

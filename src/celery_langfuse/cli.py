@@ -4,7 +4,7 @@
   tracing would do in this environment: each effective setting and where it came
   from (secrets masked), the signal handlers connected, and whether Langfuse answers
   and accepts the keys. Exits 0 when nothing is wrong, 1 otherwise.
-- ``forward --redis-url redis://...``: send the spans that workers in durable mode
+- ``forward --url redis://...`` (or ``amqp://...``): send the spans that workers in durable mode
   queued in Redis to Langfuse (see docs/reliability.md). Langfuse's address and keys
   come from the variables the SDK reads, so secrets never appear in a process list.
 
@@ -291,16 +291,21 @@ def _add_forward(subcommands: Any) -> None:
         "forward",
         help="send the durable queue to Langfuse",
         description=(
-            "Send the spans that workers in durable mode queued in Redis to Langfuse, "
-            "removing each batch once Langfuse accepted it. Run several for throughput "
+            "Send the spans that workers in durable mode queued in Redis or RabbitMQ to "
+            "Langfuse, removing each batch once Langfuse answered it (docs/reliability.md "
+            "says which answers remove a batch). Run several for throughput "
             "and availability; each batch goes to one of them. Langfuse's address and "
             "keys come from LANGFUSE_BASE_URL, LANGFUSE_PUBLIC_KEY, LANGFUSE_SECRET_KEY."
         ),
     )
     parser.add_argument(
+        "--url",
         "--redis-url",
+        dest="url",
         default=os.environ.get(DURABLE_URL_ENV),
-        help=f"the Redis holding the queue (install's durable_url); default ${DURABLE_URL_ENV}",
+        help="the Redis, Redis Cluster or RabbitMQ holding the queue (install's durable_url: "
+        f"redis://, rediss://, unix://, redis+cluster://, amqp://, amqps://); default "
+        f"${DURABLE_URL_ENV}",
     )
     parser.add_argument(
         "--queue",
@@ -343,15 +348,15 @@ def _add_forward(subcommands: Any) -> None:
 
 def forward(args: argparse.Namespace) -> int:
     """Run one forwarder until SIGTERM or SIGINT. Exit status 2 for a usage error."""
-    from .durable import SpanQueue
+    from .durable import QueueUnavailable, open_queue
     from .forwarder import Forwarder, LangfuseEndpoint
 
     def usage_error(message: str) -> int:
         print(f"celery-langfuse forward: error: {message}", file=sys.stderr)
         return 2
 
-    if not args.redis_url:
-        return usage_error(f"needs --redis-url or ${DURABLE_URL_ENV}")
+    if not args.url:
+        return usage_error(f"needs --url (or --redis-url) or ${DURABLE_URL_ENV}")
     if args.claim_timeout <= 2 * args.timeout:
         return usage_error(
             f"--claim-timeout {args.claim_timeout:g} must exceed twice --timeout "
@@ -364,8 +369,12 @@ def forward(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        queue = open_queue(args.url, args.queue)
+    except (ValueError, QueueUnavailable) as error:
+        return usage_error(f"--url: {error}")
     forwarder = Forwarder(
-        SpanQueue.from_url(args.redis_url, args.queue),
+        queue,
         endpoint,
         consumer=args.consumer,
         batch_size=args.batch_size,

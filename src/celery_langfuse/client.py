@@ -69,6 +69,9 @@ class DurableExport:
     url: str
     queue: str
     max_bytes: int
+    buffer_bytes: int
+    spill_dir: Optional[str]
+    spill_max_bytes: int
 
 
 @dataclass(frozen=True)
@@ -160,9 +163,15 @@ def _create_client() -> langfuse.Langfuse:
 def _durable_exporter(durable: Optional[DurableExport]) -> Any:
     if durable is None:
         return None  # the SDK's own exporter, straight to Langfuse
-    from .durable import DurableSpanExporter, SpanQueue
+    from .durable import DurableSpanExporter, open_queue
 
-    return DurableSpanExporter(SpanQueue.from_url(durable.url, durable.queue), durable.max_bytes)
+    return DurableSpanExporter(
+        open_queue(durable.url, durable.queue, durable.max_bytes),
+        durable.max_bytes,
+        buffer_bytes=durable.buffer_bytes,
+        spill_dir=durable.spill_dir,
+        spill_max_bytes=durable.spill_max_bytes,
+    )
 
 
 def sdk_client_exists() -> bool:

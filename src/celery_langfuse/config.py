@@ -110,13 +110,15 @@ class TracingConfig:
         run is closed (level WARNING) so the registry can never grow without bound.
     export:
         ``"direct"``: the SDK sends spans to Langfuse itself. ``"durable"``: spans go
-        to a bounded queue in Redis, and ``celery-langfuse forward`` sends them on,
-        deleting each batch only once Langfuse accepted it (docs/reliability.md).
+        to a bounded queue in Redis or RabbitMQ, and ``celery-langfuse forward`` sends
+        them on, removing each batch only once Langfuse answered it (docs/reliability.md).
     durable_url:
-        The Redis that holds the durable queue (``redis://``, ``rediss://`` or
-        ``unix://``); required with ``export="durable"``, refused without it.
+        Where the durable queue lives: a Redis (``redis://``, ``rediss://``,
+        ``unix://``), a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``) or
+        RabbitMQ (``amqp://``, ``amqps://``); required with ``export="durable"``,
+        refused without it. ``install()`` connects once and raises if it cannot.
     durable_queue:
-        Name of the durable queue, so several apps or projects can share one Redis.
+        Name of the durable queue, so several apps or projects can share one server.
     durable_max_bytes:
         Upper bound on the span data the durable queue holds; past it the oldest
         batches are dropped, counted and logged.
@@ -128,6 +130,16 @@ class TracingConfig:
         the same secret (other messages still run and are traced, in a trace of
         their own or continuing their W3C ``traceparent``). For a worker consuming a
         queue other services publish to. Never shown in errors or ``doctor``.
+    durable_buffer_bytes:
+        Per process: span data held in memory while the queue does not answer,
+        written once it does; past it the oldest go to ``durable_spill_dir``, or are
+        dropped, counted and logged.
+    durable_spill_dir:
+        A local directory for what does not fit in memory during a queue outage, and
+        for what a process still holds when it exits; ``None``: none.
+    durable_spill_max_bytes:
+        Upper bound on the span data in ``durable_spill_dir`` (all processes of the
+        host together); past it the oldest are dropped, counted and logged.
     """
 
     enabled: bool = True
@@ -152,6 +164,9 @@ class TracingConfig:
     durable_queue: str = "celery-langfuse"
     durable_max_bytes: int = 256 * 1024 * 1024
     producer_secret: Optional[str] = field(default=None, repr=False)
+    durable_buffer_bytes: int = 16 * 1024 * 1024
+    durable_spill_dir: Optional[str] = None
+    durable_spill_max_bytes: int = 1024 * 1024 * 1024
 
     #: Compiled from the settings above: task-name rules and sampling decisions.
     policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
@@ -438,6 +453,10 @@ def _shown(value: Any, setting: _Setting) -> str:
     return shown_secret(value) if setting.secret else repr(value)
 
 
+_DURABLE_SCHEMES = tuple(
+    f"{scheme}://"
+    for scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "amqp", "amqps")
+)
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _BOOL = "true or false"
 _PATTERNS = "a list of task name patterns (fnmatch), comma-separated in the environment"
@@ -519,10 +538,9 @@ _SETTINGS: tuple[_Setting, ...] = (
     ),
     _Setting(
         "durable_url",
-        lambda v: (
-            v is None or (isinstance(v, str) and v.startswith(("redis://", "rediss://", "unix://")))
-        ),
-        "a redis://, rediss:// or unix:// URL",
+        lambda v: v is None or (isinstance(v, str) and v.lower().startswith(_DURABLE_SCHEMES)),
+        "a redis://, rediss://, unix://, redis+cluster://, rediss+cluster://, amqp:// "
+        "or amqps:// URL",
         str.strip,
     ),
     _Setting(
@@ -543,6 +561,24 @@ _SETTINGS: tuple[_Setting, ...] = (
         SECRET_ALLOWED,
         str.strip,
         secret=True,
+    ),
+    _Setting(
+        "durable_buffer_bytes",
+        lambda v: _is_int(v) and v >= 64 * 1024,
+        "a whole number of bytes, at least 65536 (64 KiB)",
+        _parse_int,
+    ),
+    _Setting(
+        "durable_spill_dir",
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "a directory path, or None",
+        str.strip,
+    ),
+    _Setting(
+        "durable_spill_max_bytes",
+        lambda v: _is_int(v) and v >= 1024 * 1024,
+        "a whole number of bytes, at least 1048576 (1 MiB)",
+        _parse_int,
     ),
 )
 

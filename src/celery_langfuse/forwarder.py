@@ -1,22 +1,32 @@
 """Forward the durable queue to Langfuse: what ``celery-langfuse forward`` runs.
 
-A :class:`Forwarder` takes batches from a :class:`~celery_langfuse.durable.SpanQueue`
-(first any abandoned by a forwarder that died, then new ones), POSTs each to
-Langfuse's OTLP endpoint exactly as the SDK would, and removes it from the queue only
-when Langfuse answered 2xx. Anything else is retried with capped exponential backoff
-and jitter (honouring ``Retry-After``), for as long as it takes, except the answers
-that say Langfuse will never accept that body (400, 413, 422): those batches are
-removed and counted as rejected, so one bad batch cannot block the queue.
+A :class:`Forwarder` takes batches from a durable queue
+(:class:`~celery_langfuse.durable.DurableQueue`, on Redis or RabbitMQ: first any
+abandoned by a forwarder that died, then new ones), checks that each is a valid gzip
+OTLP request, POSTs it to Langfuse's OTLP endpoint exactly as the SDK would, and
+removes it from the queue according to the answer:
 
-Run as many forwarders as you like: the consumer group gives each batch to one of
-them. Delivery is at least once: a forwarder killed after Langfuse accepted a batch
-but before removing it leaves the batch to be sent again, and Langfuse, which keeps
-one observation per span id, stores it once.
+- 2xx: delivered; removed (counted ``forwarded``).
+- 413 (too large): replaced in the queue by two halves, each sent on its own; a batch
+  of one span cannot shrink and goes to the dead letters (``rejected``). Halves are
+  strictly smaller, so this never loops.
+- 400, 422 (Langfuse will never accept this body): moved to the dead letters
+  (``rejected``), so one bad batch cannot block the queue.
+- not a valid gzip OTLP body: moved to the dead letters (``corrupt``) unsent.
+- anything else (5xx, 429, 401/403/404, timeouts, refused connections): kept, and
+  retried with capped exponential backoff and jitter, honouring ``Retry-After``, for
+  as long as it takes.
+
+Run as many forwarders as you like: the queue gives each batch to one of them.
+Delivery is at least once: a forwarder killed after Langfuse accepted a batch but
+before removing it leaves the batch to be sent again, and Langfuse, which keeps one
+observation per span id, stores it once.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
 import logging
 import math
 import os
@@ -29,8 +39,9 @@ from typing import Optional
 
 import httpx
 from langfuse import __version__ as langfuse_version
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from .durable import Batch, SpanQueue
+from .durable import Batch, DurableQueue
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +49,10 @@ OTLP_PATH = "/api/public/otel/v1/traces"
 DEFAULT_BASE_URL = "https://cloud.langfuse.com"
 #: Answers meaning "this body will never be accepted": retrying cannot help.
 _NEVER_ACCEPTED = frozenset({400, 413, 422})
+_TOO_LARGE = 413
+#: Seconds between two "the queue still does not answer" warnings.
+_OUTAGE_REMINDER = 300.0
 _MAX_RETRY_AFTER = 300.0
-_FORGET_CONSUMERS_AFTER = 3600.0
 _STATS_EVERY = 60.0
 
 
@@ -51,6 +64,7 @@ class Answer:
     retry: bool
     reason: str
     retry_after: Optional[float] = None
+    status: Optional[int] = None
 
 
 class LangfuseEndpoint:
@@ -67,8 +81,10 @@ class LangfuseEndpoint:
         secret_key: str,
         timeout: float = 10.0,
         http: Optional[httpx.Client] = None,
+        path: Optional[str] = None,
     ) -> None:
-        self.url = base_url.rstrip("/") + OTLP_PATH
+        # As the SDK builds it (and spans.py for direct export).
+        self.url = base_url.rstrip("/") + ("/" + path.lstrip("/") if path else OTLP_PATH)
         token = base64.b64encode(f"{public_key}:{secret_key}".encode()).decode("ascii")
         self._headers = {
             "Authorization": f"Basic {token}",
@@ -83,16 +99,17 @@ class LangfuseEndpoint:
 
     @classmethod
     def from_env(cls, timeout: float = 10.0) -> LangfuseEndpoint:
-        """From ``LANGFUSE_BASE_URL`` (or ``LANGFUSE_HOST``), ``LANGFUSE_PUBLIC_KEY`` and
-        ``LANGFUSE_SECRET_KEY``, the variables the SDK reads. KeyError names a missing one."""
-        base_url = os.environ.get("LANGFUSE_BASE_URL") or os.environ.get(
-            "LANGFUSE_HOST", DEFAULT_BASE_URL
-        )
+        """From ``LANGFUSE_BASE_URL`` (or ``LANGFUSE_HOST``), ``LANGFUSE_PUBLIC_KEY``,
+        ``LANGFUSE_SECRET_KEY`` and ``LANGFUSE_OTEL_TRACES_EXPORT_PATH``, the variables
+        the SDK reads. KeyError names a missing one."""
+        env = os.environ
+        base_url = env.get("LANGFUSE_BASE_URL") or env.get("LANGFUSE_HOST", DEFAULT_BASE_URL)
         return cls(
             base_url,
-            os.environ["LANGFUSE_PUBLIC_KEY"],
-            os.environ["LANGFUSE_SECRET_KEY"],
+            env["LANGFUSE_PUBLIC_KEY"],
+            env["LANGFUSE_SECRET_KEY"],
             timeout=timeout,
+            path=env.get("LANGFUSE_OTEL_TRACES_EXPORT_PATH"),
         )
 
     def send(self, payload: bytes) -> Answer:
@@ -105,23 +122,96 @@ class LangfuseEndpoint:
         if 200 <= status < 300:
             return Answer(True, False, str(status))
         reason = f"HTTP {status}: {response.text[:200]}"
-        return Answer(False, status not in _NEVER_ACCEPTED, reason, _retry_after(response))
+        return Answer(False, status not in _NEVER_ACCEPTED, reason, _retry_after(response), status)
 
     def close(self) -> None:
         self._http.close()
+
+
+class CorruptBatch(ValueError):
+    """A queue entry that is not a gzip-compressed OTLP export request."""
+
+
+def count_spans(data: bytes) -> int:
+    """The spans of a queued body; :class:`CorruptBatch` when it is not one."""
+    return sum(
+        len(scope.spans)
+        for resource in _decode(data).resource_spans
+        for scope in resource.scope_spans
+    )
+
+
+def split_batch(data: bytes) -> list[tuple[bytes, int]]:
+    """Two requests holding the spans of ``data`` between them, each with its own
+    resource and scope; (payload, spans) each."""
+    request = _decode(data)
+    spans = [
+        (r, s, span)
+        for r, resource in enumerate(request.resource_spans)
+        for s, scope in enumerate(resource.scope_spans)
+        for span in scope.spans
+    ]
+    half = len(spans) // 2
+    parts = []
+    for chunk in (spans[:half], spans[half:]):
+        part = ExportTraceServiceRequest()
+        groups: dict[tuple[int, int], object] = {}
+        resources: dict[int, object] = {}
+        for r, s, span in chunk:
+            if (r, s) not in groups:
+                if r not in resources:
+                    resource = part.resource_spans.add()
+                    source = request.resource_spans[r]
+                    resource.resource.CopyFrom(source.resource)
+                    resource.schema_url = source.schema_url
+                    resources[r] = resource
+                scope = resources[r].scope_spans.add()  # type: ignore[attr-defined]
+                source_scope = request.resource_spans[r].scope_spans[s]
+                scope.scope.CopyFrom(source_scope.scope)
+                scope.schema_url = source_scope.schema_url
+                groups[(r, s)] = scope
+            groups[(r, s)].spans.add().CopyFrom(span)  # type: ignore[attr-defined]
+        parts.append((gzip.compress(part.SerializeToString(), compresslevel=6), len(chunk)))
+    return parts
+
+
+def _decode(data: bytes) -> ExportTraceServiceRequest:
+    try:
+        request: ExportTraceServiceRequest = ExportTraceServiceRequest.FromString(
+            gzip.decompress(data)
+        )
+    except Exception as error:  # gzip, zlib, EOF and protobuf decode errors alike
+        raise CorruptBatch(f"not a gzip OTLP request: {type(error).__name__}: {error}") from error
+    if not request.resource_spans:
+        raise CorruptBatch("an OTLP request without spans")
+    return request
+
+
+@dataclass
+class ForwarderStats:
+    """What one forwarder did since it started (batches and spans per outcome)."""
+
+    forwarded_batches: int = 0
+    forwarded_spans: int = 0
+    rejected_batches: int = 0
+    rejected_spans: int = 0
+    corrupt_batches: int = 0
+    split_batches: int = 0
+    retries: int = 0
 
 
 class Forwarder:
     """Moves batches from a queue to Langfuse until told to stop.
 
     ``claim_timeout`` is how long a batch may stay pending with one forwarder before
-    another takes it over: longer than ``endpoint``'s request timeout, since a claim
-    is renewed between attempts, not during one.
+    another takes it over (Redis; RabbitMQ hands back a dead forwarder's batches by
+    itself): longer than ``endpoint``'s request timeout, since a claim is renewed
+    between attempts, not during one.
     """
 
     def __init__(
         self,
-        queue: SpanQueue,
+        queue: DurableQueue,
         endpoint: LangfuseEndpoint,
         *,
         consumer: Optional[str] = None,
@@ -129,6 +219,7 @@ class Forwarder:
         claim_timeout: float = 60.0,
         max_backoff: float = 30.0,
         block: float = 1.0,
+        stats_every: float = _STATS_EVERY,
     ) -> None:
         self.queue = queue
         self.endpoint = endpoint
@@ -137,18 +228,25 @@ class Forwarder:
         self.claim_timeout = claim_timeout
         self.max_backoff = max_backoff
         self.block = block
-        self.forwarded_spans = 0
+        self.stats_every = stats_every
+        self.totals = ForwarderStats()
         self.stop_event = threading.Event()
         self._last_claim = 0.0
         self._last_housekeeping = time.monotonic()
+        self._queue_down_since: Optional[float] = None
+        self._last_reminder = 0.0
+
+    @property
+    def forwarded_spans(self) -> int:
+        return self.totals.forwarded_spans
 
     def run(self) -> None:
         """Forward until :meth:`stop`. A batch being retried then stays pending and is
         picked up by this consumer name on restart, or by another forwarder."""
         log.info(
-            "celery-langfuse forwarder %s: queue %r -> %s",
+            "celery-langfuse forwarder %s: queue %s -> %s",
             self.consumer,
-            self.queue.name,
+            self.queue.describe(),
             self.endpoint.url,
         )
         joined = False
@@ -158,13 +256,54 @@ class Forwarder:
                     self._join()
                     joined = True
                 self.step()
-            except Exception:
-                # Redis unreachable, most likely, or the queue deleted: wait, join the
-                # group again and carry on; a forwarder never exits on its own.
-                log.warning("celery-langfuse forwarder: queue error; retrying", exc_info=True)
+                self._queue_answers()
+            except Exception as error:
+                # Redis or RabbitMQ unreachable, most likely, or the queue deleted:
+                # wait, join again and carry on; a forwarder never exits on its own.
+                self._queue_failed(error)
                 joined = False
                 self.stop_event.wait(min(self.max_backoff, 5.0))
             self._housekeeping()
+
+    def _queue_failed(self, error: Exception) -> None:
+        """One warning saying what to do when the queue stops answering, a reminder
+        every few minutes; the traceback only at debug level."""
+        now = time.monotonic()
+        log.debug("celery-langfuse forwarder: queue error", exc_info=True)
+        if self._queue_down_since is None:
+            self._queue_down_since = self._last_reminder = now
+            log.warning(
+                "celery-langfuse forwarder %s: cannot use the durable queue %s (%s: %s); "
+                "retrying every %.1f s. Nothing is lost meanwhile: workers hold their "
+                "spans (durable_buffer_bytes, durable_spill_dir) until the queue answers. "
+                "Check that its server is running and reachable from here.",
+                self.consumer,
+                self.queue.describe(),
+                type(error).__name__,
+                error,
+                min(self.max_backoff, 5.0),
+            )
+        elif now - self._last_reminder >= _OUTAGE_REMINDER:
+            self._last_reminder = now
+            log.warning(
+                "celery-langfuse forwarder %s: the durable queue %s still does not answer "
+                "after %.0f s (%s: %s)",
+                self.consumer,
+                self.queue.describe(),
+                now - self._queue_down_since,
+                type(error).__name__,
+                error,
+            )
+
+    def _queue_answers(self) -> None:
+        if self._queue_down_since is not None:
+            log.warning(
+                "celery-langfuse forwarder %s: the durable queue %s answers again after %.1f s",
+                self.consumer,
+                self.queue.describe(),
+                time.monotonic() - self._queue_down_since,
+            )
+            self._queue_down_since = None
 
     def _join(self) -> None:
         """Create the consumer group if needed, then finish what this consumer name
@@ -182,7 +321,7 @@ class Forwarder:
         """Take one round of batches (abandoned ones first) and ship them; the count."""
         batches: list[Batch] = []
         now = time.monotonic()
-        if now - self._last_claim >= min(self.claim_timeout / 4, 5.0):
+        if self.queue.needs_claims and now - self._last_claim >= min(self.claim_timeout / 4, 5.0):
             self._last_claim = now
             batches = self.queue.claim_abandoned(self.consumer, self.claim_timeout, self.batch_size)
             if batches:
@@ -203,6 +342,12 @@ class Forwarder:
         Returns False when stopped first, or when the batch stopped being this
         forwarder's to send (the bound dropped it, another forwarder took it over).
         """
+        try:
+            spans = count_spans(batch.data)
+        except CorruptBatch as error:
+            return self._set_aside(batch, "corrupt", str(error))
+        if spans != batch.spans:
+            batch = Batch(batch.id, batch.data, spans, batch.tag)
         attempt = 0
         while True:
             if not self.queue.renew(self.consumer, batch):
@@ -210,21 +355,17 @@ class Forwarder:
                 return False
             answer = self.endpoint.send(batch.data)
             if answer.accepted:
-                self.queue.settle(batch, "forwarded")
-                self.forwarded_spans += batch.spans
+                if self.queue.settle(batch, "forwarded"):
+                    self.totals.forwarded_batches += 1
+                    self.totals.forwarded_spans += batch.spans
                 return True
+            if answer.status == _TOO_LARGE and batch.spans > 1:
+                return self._split(batch, answer.reason)
             if not answer.retry:
-                log.error(
-                    "celery-langfuse forwarder: Langfuse refused batch %s (%d spans) for good, "
-                    "removing it: %s",
-                    batch.id,
-                    batch.spans,
-                    answer.reason,
-                )
-                self.queue.settle(batch, "rejected")
-                return True
+                return self._set_aside(batch, "rejected", answer.reason)
             delay = self._backoff(attempt, answer.retry_after)
             attempt += 1
+            self.totals.retries += 1
             # A warning for the first failure of a batch, then every tenth: an outage is
             # visible without a line per attempt.
             level = logging.WARNING if attempt % 10 == 1 else logging.DEBUG
@@ -239,6 +380,40 @@ class Forwarder:
             )
             if not self._wait_holding(batch, delay):
                 return False
+
+    def _split(self, batch: Batch, reason: str) -> bool:
+        parts = split_batch(batch.data)
+        log.warning(
+            "celery-langfuse forwarder: Langfuse found batch %s (%d spans) too large (%s); "
+            "replacing it by two of %d and %d spans",
+            batch.id,
+            batch.spans,
+            reason,
+            parts[0][1],
+            parts[1][1],
+        )
+        if self.queue.split(batch, parts):
+            self.totals.split_batches += 1
+        return True
+
+    def _set_aside(self, batch: Batch, outcome: str, reason: str) -> bool:
+        """Move a batch to the dead letters: Langfuse will never accept it."""
+        log.error(
+            "celery-langfuse forwarder: %s batch %s (%d spans) moved to the dead letters of "
+            "queue %s: %s",
+            "Langfuse refused" if outcome == "rejected" else "corrupt",
+            batch.id,
+            batch.spans,
+            self.queue.describe(),
+            reason,
+        )
+        if self.queue.settle(batch, outcome, reason):
+            if outcome == "rejected":
+                self.totals.rejected_batches += 1
+                self.totals.rejected_spans += batch.spans
+            else:
+                self.totals.corrupt_batches += 1
+        return True
 
     def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
         if retry_after is not None:
@@ -259,22 +434,29 @@ class Forwarder:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if now - self._last_housekeeping < _STATS_EVERY:
+        if now - self._last_housekeeping < self.stats_every:
             return
         self._last_housekeeping = now
         try:
-            self.queue.forget_idle_consumers(_FORGET_CONSUMERS_AFTER, keep=self.consumer)
+            self.queue.housekeeping(self.consumer)
             stats = self.queue.stats()
         except Exception:
             return  # the main loop reports queue errors
+        totals = self.totals
         log.info(
-            "celery-langfuse forwarder %s: %d spans forwarded by this forwarder; queue: %d "
-            "batches, %d bytes, %d pending; dropped %d spans so far",
+            "celery-langfuse forwarder %s: forwarded %d spans (%d batches); rejected %d "
+            "spans, %d corrupt batches, %d split; queue: %d batches, %d bytes, %d pending, "
+            "%d dead letters; dropped %d spans so far (queue and workers)",
             self.consumer,
-            self.forwarded_spans,
+            totals.forwarded_spans,
+            totals.forwarded_batches,
+            totals.rejected_spans,
+            totals.corrupt_batches,
+            totals.split_batches,
             stats.batches,
             stats.bytes,
             stats.pending,
+            stats.count("dead_letter_batches"),
             stats.count("dropped_spans"),
         )
 

@@ -27,7 +27,7 @@ from celery import Celery, signals
 
 from . import client, export, publish
 from .beat import BeatTracing
-from .config import TracingConfig, app_settings
+from .config import ConfigurationError, TracingConfig, app_settings
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
 
@@ -173,6 +173,8 @@ def install(app: Celery, **options: Any) -> Installation:
             if not _warned_missing_keys:
                 _warned_missing_keys = True
                 log.warning(_MISSING_KEYS_WARNING, app.main)
+        if off_reason is None and config.export == "durable":
+            _check_durable_queue(config)
         installation = Installation(
             app=app,
             config=config,
@@ -230,7 +232,27 @@ def _apply_process_settings() -> None:
     client.exit_flush_timeout = max(i.config.flush_timeout for i in active)
 
 
+def _check_durable_queue(config: TracingConfig) -> None:
+    """Connect to the durable queue once: a wrong URL, a server that is not there or a
+    missing client library is an error at install(), not spans lost later."""
+    from .durable import QueueUnavailable, check_url, redact
+
+    try:
+        check_url(config.durable_url or "", config.durable_queue, config.durable_max_bytes)
+    except QueueUnavailable as error:
+        raise ConfigurationError(
+            f"celery-langfuse setting durable_url={redact(config.durable_url or '')!r}: {error}"
+        ) from None
+
+
 def _durable_export(config: TracingConfig) -> Optional[client.DurableExport]:
     if config.export != "durable" or config.durable_url is None:
         return None
-    return client.DurableExport(config.durable_url, config.durable_queue, config.durable_max_bytes)
+    return client.DurableExport(
+        config.durable_url,
+        config.durable_queue,
+        config.durable_max_bytes,
+        config.durable_buffer_bytes,
+        config.durable_spill_dir,
+        config.durable_spill_max_bytes,
+    )

@@ -1,0 +1,313 @@
+"""Durable mode on RabbitMQ (an ``amqp://`` durable URL), against the machine's real
+broker: every queue a test makes is named ``durable-amqp-...`` and deleted after.
+
+The same counting as on Redis: sent N, N arrived once; what the bound dropped and
+what was moved aside is counted.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import amqp
+import pytest
+
+from celery_langfuse.durable import DurableSpanExporter, open_queue
+from celery_langfuse.durable_amqp import AmqpSpanQueue
+from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint
+from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
+from tests.conftest import worker_process
+from tests.durable_support import delivered_once, forwarder_process
+from tests.test_durable import make_spans, running
+
+pytestmark = pytest.mark.timeout(180)
+
+AMQP_URL = os.environ.get("CELERY_LANGFUSE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def require_rabbitmq() -> None:
+    try:
+        connection = amqp.Connection("127.0.0.1:5672", connect_timeout=2)
+        connection.connect()
+        connection.close()
+    except Exception as exc:  # a missing service fails the test, it never skips it
+        pytest.fail(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+
+
+@pytest.fixture
+def queue_name() -> Iterator[str]:
+    require_rabbitmq()
+    name = f"durable-amqp-{uuid.uuid4().hex[:8]}"
+    yield name
+    connection = amqp.Connection("127.0.0.1:5672")
+    connection.connect()
+    channel = connection.channel()
+    for queue in (name, f"{name}.dropped", f"{name}.dead"):
+        channel.queue_delete(queue)
+    connection.close()
+
+
+@pytest.fixture
+def queue(queue_name: str) -> Iterator[AmqpSpanQueue]:
+    queue = AmqpSpanQueue.from_url(AMQP_URL, queue_name, max_bytes=64 * 1024 * 1024)
+    yield queue
+    queue.close()
+
+
+def fill(queue: AmqpSpanQueue, batches: int, spans_per_batch: int) -> set[str]:
+    exporter = DurableSpanExporter(queue)
+    ids: set[str] = set()
+    for b in range(batches):
+        spans = make_spans(spans_per_batch, prefix=f"batch{b}")
+        exporter.export(spans)
+        ids |= {format(span.context.span_id, "016x") for span in spans}
+    assert exporter.stats().written_spans == batches * spans_per_batch  # all confirmed
+    return ids
+
+
+def forwarder_for(queue_name: str, capture: CaptureServer, **options: Any) -> Forwarder:
+    options.setdefault("max_backoff", 0.2)
+    options.setdefault("block", 0.1)
+    return Forwarder(
+        open_queue(AMQP_URL, queue_name),
+        LangfuseEndpoint(capture.base_url, PUBLIC_KEY, SECRET_KEY, timeout=5),
+        **options,
+    )
+
+
+def test_batches_wait_in_rabbitmq_and_arrive_once_after_a_langfuse_outage(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    ids = fill(queue, batches=20, spans_per_batch=5)
+    # Confirmed; the broker's message count follows within moments.
+    capture.wait_for(lambda s: queue.stats().batches == 20)
+    capture.set_response(503)
+    with running(forwarder_for(queue_name, capture)) as forwarder:
+        capture.wait_for(lambda s: s.requests >= 4)
+        assert capture.observations == []
+        capture.set_response()
+        capture.wait_for(lambda s: len(s.deliveries) == 100, timeout=30)
+        capture.wait_for(lambda s: queue.stats().batches == 0)
+        time.sleep(0.5)  # a second delivery, if any, would arrive now
+    delivered_once(capture, ids)
+    assert forwarder.totals.forwarded_spans == 100
+
+
+def test_several_forwarders_share_the_rabbitmq_queue_without_sending_a_batch_twice(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    ids = fill(queue, batches=120, spans_per_batch=4)
+    forwarders = [forwarder_for(queue_name, capture, consumer=f"f{i}") for i in range(3)]
+    with running(forwarders[0]), running(forwarders[1]), running(forwarders[2]):
+        capture.wait_for(lambda s: len(s.deliveries) == 480, timeout=60)
+        time.sleep(0.5)
+    delivered_once(capture, ids)
+    assert capture.requests == 120
+    assert sum(1 for f in forwarders if f.totals.forwarded_spans) >= 2  # shared
+    assert sum(f.totals.forwarded_spans for f in forwarders) == 480
+
+
+def test_past_the_bound_rabbitmq_drops_the_oldest_and_the_forwarder_counts_them(
+    queue_name: str, capture: CaptureServer
+) -> None:
+    bound = 16 * 1024  # small, for the test: the setting's minimum is 1 MiB
+    queue = AmqpSpanQueue.from_url(AMQP_URL, queue_name, max_bytes=bound)
+    exporter = DurableSpanExporter(queue, max_bytes=bound)
+    batches = []
+    for b in range(40):
+        spans = make_spans(20, prefix=f"{b}-{os.urandom(400).hex()}")
+        exporter.export(spans)
+        batches.append({format(s.context.span_id, "016x") for s in spans})
+    with running(forwarder_for(queue_name, capture, stats_every=0.2)) as forwarder:
+        # The forwarder counts the drops (every stats_every) and delivers the rest.
+        capture.wait_for(lambda s: queue.stats().batches == 0, timeout=30)
+        capture.wait_for(lambda s: queue.stats().count("uncounted_drops") == 0, timeout=30)
+        time.sleep(0.5)
+    stats = forwarder.queue.stats()
+    delivered = set(capture.deliveries)
+    dropped = stats.count("dropped_spans")
+    assert dropped > 0
+    assert len(delivered) + dropped == 800  # each span arrived or was counted
+    delivered_once(capture, delivered)
+    # The oldest went, the newest arrived.
+    assert batches[-1] <= delivered and not batches[0] & delivered
+    queue.close()
+
+
+def test_a_corrupt_message_goes_to_the_dead_letters_and_never_blocks_the_rest(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    first = fill(queue, batches=2, spans_per_batch=3)
+    queue.append(b"not gzip", 3, 0)
+    queue.append(gzip.compress(b"\xff\xfe garbage"), 2, 0)
+    second = fill(queue, batches=2, spans_per_batch=3)
+    with running(forwarder_for(queue_name, capture)) as forwarder:
+        capture.wait_for(lambda s: len(s.deliveries) == 12, timeout=20)
+        capture.wait_for(lambda s: queue.stats().count("dead_letter_batches") == 2)
+    delivered_once(capture, first | second)
+    assert forwarder.totals.corrupt_batches == 2
+    assert capture.requests == 4
+    channel = queue._open()
+    dead = channel.basic_get(f"{queue_name}.dead", no_ack=True)
+    assert dead.properties["application_headers"]["reason"].startswith("not a gzip OTLP")
+
+
+def test_a_forwarder_killed_mid_batch_hands_its_batches_back_losing_and_repeating_nothing(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer, tmp_path: Path
+) -> None:
+    ids = fill(queue, batches=30, spans_per_batch=10)
+    # Each attempt hangs for a second, then fails: the killed forwarder is mid-POST
+    # with batches delivered to it and unacknowledged.
+    capture.set_response(503, delay=1.0)
+    with forwarder_process(capture, queue_name, "doomed", tmp_path, url=AMQP_URL) as doomed:
+        capture.wait_for(lambda s: s.requests >= 1, timeout=30)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(5)
+    capture.set_response()
+    with (
+        forwarder_process(capture, queue_name, "heir1", tmp_path, url=AMQP_URL),
+        forwarder_process(capture, queue_name, "heir2", tmp_path, url=AMQP_URL),
+    ):
+        capture.wait_for(lambda s: len(s.deliveries) == len(ids), timeout=60)
+        capture.wait_for(lambda s: queue.stats().batches == 0)
+        time.sleep(0.5)
+    delivered_once(capture, ids)
+
+
+def test_2000_tasks_of_a_prefork_worker_through_a_langfuse_outage_arrive_exactly_once(
+    tasks_app: Any, queue_name: str, capture: CaptureServer, tmp_path: Path
+) -> None:
+    n = 2000
+    capture.set_response(503)
+    durable_env = {
+        **capture.env,
+        "CELERY_LANGFUSE_TEST_DURABLE_URL": AMQP_URL,
+        "CELERY_LANGFUSE_TEST_DURABLE_QUEUE": queue_name,
+        "LANGFUSE_FLUSH_INTERVAL": "0.5",
+    }
+    with (
+        worker_process(durable_env, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker,
+        forwarder_process(capture, queue_name, "one", tmp_path, url=AMQP_URL),
+        forwarder_process(capture, queue_name, "two", tmp_path, url=AMQP_URL),
+    ):
+        queue = AmqpSpanQueue.from_url(AMQP_URL, queue_name)
+        results = [
+            tasks_app.add.apply_async((i, i), queue=worker.queue)  # type: ignore[attr-defined]
+            for i in range(n)
+        ]
+        assert [r.get(timeout=120) for r in results] == [2 * i for i in range(n)]
+        time.sleep(2)
+        assert capture.observations == []  # Langfuse is down: everything waits
+        capture.set_response()
+        capture.wait_for(lambda s: len(s.deliveries) >= n, timeout=90)
+        capture.wait_for(lambda s: queue.stats().batches == 0, timeout=30)
+        time.sleep(1)
+        queue.close()
+    runs = {o.metadata["task_id"]: o for o in capture.observations}
+    assert set(runs) == {r.id for r in results}
+    delivered_once(capture, {o.id for o in capture.observations})
+    assert len(capture.deliveries) == n
+
+
+def test_a_rabbitmq_queue_declared_with_another_bound_is_refused_at_install(
+    queue_name: str,
+) -> None:
+    from celery_langfuse.durable import QueueUnavailable, check_url
+
+    check_url(AMQP_URL, queue_name, 2 * 1024 * 1024)
+    with pytest.raises(QueueUnavailable, match="exists with other arguments"):
+        check_url(AMQP_URL, queue_name, 4 * 1024 * 1024)
+    check_url(AMQP_URL, queue_name, 2 * 1024 * 1024)  # the broker is still usable
+
+
+def test_exporter_on_a_closed_port_holds_and_then_publishes_once_rabbitmq_answers(
+    queue_name: str,
+) -> None:
+    # The shared broker is never restarted: this points the exporter at a closed
+    # port first, then at the broker, the same code path as a broker restart.
+    queue = AmqpSpanQueue.from_url("amqp://guest:guest@127.0.0.1:1//", queue_name, 1024 * 1024)
+    exporter = DurableSpanExporter(queue)
+    for _ in range(5):
+        exporter.export(make_spans(4))
+    assert exporter.stats().held_spans == 20
+    queue.url = AMQP_URL  # "the broker is back"
+    deadline = time.monotonic() + 30
+    while exporter.stats().held_spans and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert exporter.stats().recovered_spans == 20
+    assert queue.stats().batches == 5
+    exporter.shutdown()
+
+
+def test_three_waves_through_a_rabbitmq_restart_arrive_exactly_once(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """A RabbitMQ node of the test's own holds the queue. Wave 1 arrives; wave 2 waits
+    in the queue (Langfuse answers 503); the node is SIGKILLed, wave 3 runs while it is
+    down (the workers hold its spans), the node starts again and recovers the durable
+    queue; Langfuse comes back: all 60 runs arrive, each exactly once."""
+    from tests.durable_support import RabbitNode, by_task_id
+
+    wave, name = 20, f"durable-amqp-restart-{uuid.uuid4().hex[:6]}"
+    node = RabbitNode()
+    node.start()
+    try:
+        durable_env = {
+            **capture.env,
+            "CELERY_LANGFUSE_TEST_DURABLE_URL": node.url,
+            "CELERY_LANGFUSE_TEST_DURABLE_QUEUE": name,
+            "LANGFUSE_FLUSH_INTERVAL": "0.3",
+        }
+        with (
+            worker_process(durable_env, "-P", "prefork", "-c", "2", tmp_path=tmp_path) as worker,
+            forwarder_process(capture, name, "f1", tmp_path, url=node.url) as f1,
+        ):
+            queue = worker.queue  # type: ignore[attr-defined]
+
+            def run_ids() -> set[str]:
+                return set(by_task_id(capture.observations, "tests.support.tasks.add"))
+
+            def send(first: int) -> list[str]:
+                results = [
+                    tasks_app.add.apply_async((i, i), queue=queue)
+                    for i in range(first, first + wave)
+                ]
+                assert [r.get(timeout=60) for r in results] == [
+                    2 * i for i in range(first, first + wave)
+                ]
+                return [r.id for r in results]
+
+            first = send(0)
+            capture.wait_for(lambda s: set(first) <= run_ids(), timeout=60)
+
+            capture.set_response(503)
+            second = send(wave)
+            probe = AmqpSpanQueue.from_url(node.url, name)
+            capture.wait_for(lambda s: probe.stats().batches + s.requests >= 2, timeout=30)
+            time.sleep(1.5)  # every pool child has exported wave 2 to the queue
+            probe.close()
+
+            node.kill()
+            third = send(2 * wave)
+            time.sleep(1.5)  # the workers tried, and hold wave 3
+            node.start()
+            capture.set_response()
+            everything = set(first + second + third)
+            capture.wait_for(lambda s: everything <= run_ids(), timeout=120)
+            time.sleep(1)  # a duplicate, if any, would arrive now
+
+        runs = by_task_id(capture.observations, "tests.support.tasks.add")
+        assert set(runs) == everything
+        assert all(len(runs[i]) == 1 for i in everything)
+        delivered_once(capture, {o.id for o in capture.observations})
+        assert "cannot write to the durable queue" in worker.log()
+        assert "Traceback" not in f1.log  # type: ignore[attr-defined]
+    finally:
+        node.remove()
