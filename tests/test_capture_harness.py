@@ -33,6 +33,7 @@ def observation(span_id: str, parent_id: str | None = None, **fields: Any) -> Ob
     """An observation of TRACE_ID starting ``int(span_id, 16)`` ms after T0."""
     start = T0 + timedelta(milliseconds=int(span_id, 16))
     fields.setdefault("name", f"span-{span_id}")
+    fields.setdefault("scope", "langfuse-sdk")
     return Observation(
         id=span_id,
         trace_id=TRACE_ID,
@@ -79,8 +80,9 @@ def test_the_latest_received_non_empty_trace_attribute_wins() -> None:
     assert trace.session_id == "s"
 
 
-def test_trace_input_and_output_come_only_from_the_parentless_root() -> None:
+def test_trace_input_and_output_come_from_the_last_received_root() -> None:
     root = observation("0000000000000001", input={"q": "hi"}, output="answer")
+    child = observation("0000000000000003", "0000000000000001", input="child input")
     joined = observation(
         "0000000000000002",
         "00000000000000ff",
@@ -89,9 +91,31 @@ def test_trace_input_and_output_come_only_from_the_parentless_root() -> None:
         attributes={"langfuse.internal.as_root": True},
     )
 
-    (trace,) = build_traces([root, joined])
+    (before,) = build_traces([joined, root, child])
+    (after,) = build_traces([root, child, joined])
 
-    assert (trace.input, trace.output) == ({"q": "hi"}, "answer")
+    # A span started with trace_context= writes the trace like a parentless root.
+    assert (before.input, before.output) == ({"q": "hi"}, "answer")
+    assert (after.input, after.output) == ("worker input", "worker output")
+
+
+def test_a_root_writes_its_own_metadata_to_the_trace() -> None:
+    root = observation(
+        "0000000000000001",
+        attributes={
+            "langfuse.observation.metadata.step": '"request"',
+            "langfuse.trace.metadata.tenant": '"acme"',
+        },
+    )
+    child = observation(
+        "0000000000000002",
+        "0000000000000001",
+        attributes={"langfuse.observation.metadata.step": '"child"'},
+    )
+
+    (trace,) = build_traces([root, child])
+
+    assert trace.metadata == {"tenant": "acme", "step": "request"}
 
 
 def test_a_trace_without_a_root_has_no_input_and_no_fallback_name() -> None:
