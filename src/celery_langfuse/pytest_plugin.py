@@ -58,6 +58,8 @@ class _OracleCheck:
     traces: int = 0
     rejected: int = 0
     differences: Counter[str] = field(default_factory=Counter)
+    #: Reports of comparisons that failed during the test (at ``clear()``), for its teardown.
+    failures: list[str] = field(default_factory=list)
 
     def add(self, comparison: LangfuseComparison) -> None:
         self.bodies += comparison.bodies
@@ -145,32 +147,48 @@ def _langfuse_oracle_check(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 def _compare_received(config: pytest.Config) -> None:
+    """Compare what arrived since the last comparison; fail with every failed one."""
     check = config.stash.get(_ORACLE_CHECK, None)
     server = config.stash.get(_SESSION_SERVER, None)
     if check is None or check.oracle is None or server is None:
         return
     _flush_everything()
-    bodies = server.take_unchecked_bodies()
-    if not bodies:
+    _compare(check, server.take_bodies())
+    failures, check.failures = check.failures, []
+    if failures:
+        pytest.fail(
+            "the capture server does not show what Langfuse shows for what this test "
+            f"sent (Langfuse {check.oracle.commit}):\n" + "\n".join(failures),
+            pytrace=False,
+        )
+
+
+def _compare(check: _OracleCheck, bodies: list[bytes]) -> None:
+    if check.oracle is None or not bodies:
         return
     from celery_langfuse.testing import compare_with_langfuse
 
     comparison = compare_with_langfuse(bodies, check.oracle)
     check.add(comparison)
     if not comparison.ok:
-        pytest.fail(
-            "the capture server does not show what Langfuse shows for what this test "
-            f"sent (Langfuse {check.oracle.commit}):\n{comparison.report()}",
-            pytrace=False,
-        )
+        check.failures.append(comparison.report())
 
 
 @pytest.fixture(scope="session")
-def langfuse_capture(pytestconfig: pytest.Config) -> Iterator[CaptureServer]:
+def langfuse_capture_host() -> str:
+    """The address ``langfuse_capture`` binds: override with ``"0.0.0.0"`` when a
+    container (pytest-celery's worker) must reach it."""
+    return "127.0.0.1"
+
+
+@pytest.fixture(scope="session")
+def langfuse_capture(
+    pytestconfig: pytest.Config, langfuse_capture_host: str
+) -> Iterator[CaptureServer]:
     """A capture server that the Langfuse SDK of this session exports to."""
     from celery_langfuse.testing import CaptureServer
 
-    with CaptureServer() as server, pytest.MonkeyPatch.context() as patch:
+    with CaptureServer(host=langfuse_capture_host) as server, pytest.MonkeyPatch.context() as patch:
         elsewhere = [
             client.base_url for client in _langfuse_clients() if client.base_url != server.base_url
         ]
@@ -185,11 +203,16 @@ def langfuse_capture(pytestconfig: pytest.Config) -> Iterator[CaptureServer]:
         for name, value in server.env.items():
             patch.setenv(name, value)
         _install_again_with_keys()
+        check = pytestconfig.stash.get(_ORACLE_CHECK, None)
+        if check is not None and check.oracle is not None:
+            # a test that empties the server has what it received compared first
+            server.on_clear(lambda bodies: _compare(check, bodies))
         pytestconfig.stash[_SESSION_SERVER] = server
         try:
             yield server
             _compare_received(pytestconfig)  # what arrived after the last test
         finally:
+            server.on_clear(None)
             del pytestconfig.stash[_SESSION_SERVER]
 
 

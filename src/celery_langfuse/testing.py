@@ -397,12 +397,13 @@ class CaptureServer:
     call while requests arrive on the server's threads.
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self._port = port
+        self._host = host
         self._lock = threading.Lock()
         self._received: list[Observation] = []
         self._bodies: list[bytes] = []
-        self._unchecked_bodies: list[bytes] = []
+        self._on_clear: Callable[[list[bytes]], None] | None = None
         self._scores: list[Score] = []
         self._requests = 0
         self._unhandled: list[str] = []
@@ -411,10 +412,11 @@ class CaptureServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Bind 127.0.0.1 (a free port when ``port`` is 0) and serve in a daemon thread."""
+        """Bind ``host`` (127.0.0.1 unless given; ``0.0.0.0`` lets a container reach
+        it) on ``port`` (a free one when 0) and serve in a daemon thread."""
         if self._httpd is not None:
             raise RuntimeError("CaptureServer is already running")
-        self._httpd = _CaptureHTTPServer(("127.0.0.1", self._port), self)
+        self._httpd = _CaptureHTTPServer((self._host, self._port), self)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="langfuse-capture", daemon=True
         )
@@ -440,18 +442,30 @@ class CaptureServer:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``, what ``LANGFUSE_BASE_URL`` must be."""
+        """``http://127.0.0.1:PORT``, what ``LANGFUSE_BASE_URL`` must be on this host."""
         if self._httpd is None:
             raise RuntimeError("CaptureServer is not running; call start() first")
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        if self._httpd is None:
+            raise RuntimeError("CaptureServer is not running; call start() first")
+        return int(self._httpd.server_address[1])
 
     @property
     def env(self) -> dict[str, str]:
         """Environment that points a Langfuse SDK at this server, for ``os.environ``
         or a subprocess. The short flush interval makes exports arrive within ~0.1 s
         while keeping the SDK's batching (and so its flush paths) as in production."""
+        return self.env_for(self.base_url)
+
+    def env_for(self, base_url: str) -> dict[str, str]:
+        """``env`` for a process that reaches this server at another address, such as
+        ``http://host.docker.internal:PORT`` from a container (see ``port``)."""
         return {
-            "LANGFUSE_BASE_URL": self.base_url,
+            "LANGFUSE_BASE_URL": base_url,
             "LANGFUSE_PUBLIC_KEY": PUBLIC_KEY,
             "LANGFUSE_SECRET_KEY": SECRET_KEY,
             "LANGFUSE_FLUSH_INTERVAL": "0.1",
@@ -485,15 +499,17 @@ class CaptureServer:
         with self._lock:
             return list(self._bodies)
 
-    def take_unchecked_bodies(self) -> list[bytes]:
-        """The OTLP bodies stored since the last call, ``clear()`` or not.
-
-        What the pytest plugin's Langfuse comparison reads after each test, so a body
-        is compared once even when a test empties the server half way.
-        """
+    def take_bodies(self) -> list[bytes]:
+        """``bodies``, forgetting them (the observations stay): what the pytest plugin
+        compares with Langfuse after each test, so no body is compared twice."""
         with self._lock:
-            bodies, self._unchecked_bodies = self._unchecked_bodies, []
+            bodies, self._bodies = self._bodies, []
         return bodies
+
+    def on_clear(self, callback: Callable[[list[bytes]], None] | None) -> None:
+        """Have ``clear()`` hand the bodies it forgets to ``callback`` first (the pytest
+        plugin compares them with Langfuse), or stop doing so with ``None``."""
+        self._on_clear = callback
 
     @property
     def scores(self) -> list[Score]:
@@ -528,10 +544,12 @@ class CaptureServer:
 
     def clear(self) -> None:
         """Forget everything received, including the request count and ``bodies``
-        (but not the bodies :meth:`take_unchecked_bodies` has yet to hand out)."""
+        (handed to the ``on_clear`` callback first)."""
+        bodies = self.take_bodies()
+        if self._on_clear is not None and bodies:
+            self._on_clear(bodies)
         with self._lock:
             self._received.clear()
-            self._bodies.clear()
             self._scores.clear()
             self._requests = 0
             self._unhandled.clear()
@@ -631,7 +649,6 @@ class CaptureServer:
         with self._lock:
             self._received.extend(observations)
             self._bodies.append(body)
-            self._unchecked_bodies.append(body)
         return 200, {"Content-Type": "application/x-protobuf"}, _EMPTY_OTLP_RESPONSE
 
     def _store_scores(self, body: bytes, headers: Mapping[str, str]) -> _Reply:
