@@ -27,7 +27,8 @@ body Langfuse would reject, fails the test at teardown with the diff. Modes: ``a
 ``CI=true``, else ``auto``), ``off``.
 
 This module is imported by every pytest run in an environment where the package is
-installed, so it imports nothing heavy until a fixture is used or the oracle is found.
+installed, so it imports nothing heavy until a fixture is used, except that looking
+for the oracle (every mode but ``off``) imports ``celery_langfuse.testing``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class _OracleCheck:
     traces: int = 0
     rejected: int = 0
     differences: Counter[str] = field(default_factory=Counter)
+    #: Whether the session's capture server ran (the summary speaks only then).
+    capture_used: bool = False
     #: Reports of comparisons that failed during the test (at ``clear()``), for its teardown.
     failures: list[str] = field(default_factory=list)
 
@@ -104,16 +107,14 @@ def pytest_configure(config: pytest.Config) -> None:
         check.oracle = LangfuseOracle(find_langfuse_oracle(config.rootpath))
     except OracleUnavailable as error:
         if mode == "require":
-            raise pytest.UsageError(
-                f"celery-langfuse: --langfuse-oracle=require: {error}"
-            ) from None
+            raise pytest.UsageError(f"celery-langfuse: langfuse_oracle=require: {error}") from None
         check.why_off = f"skipped: {error}"
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def pytest_report_header(config: pytest.Config) -> Optional[str]:
     check = config.stash.get(_ORACLE_CHECK, None)
     if check is None or check.oracle is None:
-        return f"langfuse oracle: {check.why_off if check else 'off'}"
+        return None  # said once, in the summary, if the capture server was used
     return (
         f"langfuse oracle: {check.oracle.script} (Langfuse {check.oracle.commit}); "
         "the capture server is compared with it after every test"
@@ -122,7 +123,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     check = config.stash.get(_ORACLE_CHECK, None)
-    if check is None or check.oracle is None:
+    if check is None or not check.capture_used:
+        return
+    if check.oracle is None:
+        terminalreporter.write_line(f"langfuse oracle: {check.why_off}")
         return
     by_field = ", ".join(f"{name}: {count}" for name, count in check.differences.most_common())
     terminalreporter.write_line(
@@ -204,6 +208,8 @@ def langfuse_capture(
             patch.setenv(name, value)
         _install_again_with_keys()
         check = pytestconfig.stash.get(_ORACLE_CHECK, None)
+        if check is not None:
+            check.capture_used = True
         if check is not None and check.oracle is not None:
             # a test that empties the server has what it received compared first
             server.on_clear(lambda bodies: _compare(check, bodies))

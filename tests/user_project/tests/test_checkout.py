@@ -12,7 +12,6 @@ def test_charge_runs_inside_the_checkout_trace(langfuse_capture_clean, langfuse_
     server = langfuse_capture_clean
     server.wait_for(lambda s: s.trace(request.trace_id).find("myapp.tasks.charge"))
     trace = server.trace(request.trace_id)
-    print(trace.tree())
     assert (trace.user_id, trace.session_id) == ("user-1", "cart-9")
     assert trace.find("myapp.tasks.charge").level == "DEFAULT"
     assert trace.orphans() == []
