@@ -179,6 +179,16 @@ def _compare(check: _OracleCheck, bodies: list[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
+def langfuse_oracle(pytestconfig: pytest.Config) -> LangfuseOracle:
+    """The session's :class:`~celery_langfuse.testing.LangfuseOracle`; the test is
+    skipped, saying why, when the comparison is off."""
+    check = pytestconfig.stash.get(_ORACLE_CHECK, None)
+    if check is None or check.oracle is None:
+        pytest.skip(f"langfuse oracle: {check.why_off if check else 'off'}")
+    return check.oracle
+
+
+@pytest.fixture(scope="session")
 def langfuse_capture_host() -> str:
     """The address ``langfuse_capture`` binds: override with ``"0.0.0.0"`` when a
     container (pytest-celery's worker) must reach it."""

@@ -15,41 +15,49 @@ Endpoints served (the ones SDK v5 calls):
 - ``GET /api/public/projects``: what ``Langfuse.auth_check()`` calls; one project.
 
 Each span becomes an :class:`Observation`; :func:`build_traces` groups them into
-:class:`Trace` objects following the Langfuse server's rules:
+:class:`Trace` objects. The rules are Langfuse's own, checked against its server-side
+conversion (``OtelIngestionProcessor`` of langfuse/langfuse at commit
+62751446149b702b419a9292ddfc2280cdf74b8c, ``packages/shared/src/server/otel/``) by
+:func:`compare_with_langfuse`, which the test suite runs on every body it sends:
 
-- Observation fields follow ``OtelIngestionProcessor`` (langfuse/langfuse,
-  ``packages/shared/src/server/otel/OtelIngestionProcessor.ts``): type from
-  ``langfuse.observation.type`` (default ``span``); level from
-  ``langfuse.observation.level``, else ``ERROR`` when the OTel status is error, else
-  ``DEFAULT``; status message from ``langfuse.observation.status_message``, else the
-  OTel status message; environment from ``langfuse.environment`` (span, then
-  resource), else ``default``; metadata from ``langfuse.observation.metadata`` (a JSON
-  object) overlaid with the ``langfuse.observation.metadata.<key>`` attributes.
-- A trace is every observation sharing a trace id. Its trace-level fields are rolled
-  up as Langfuse v4 (the only server SDK v5 supports) aggregates its events table,
-  ``EVENTS_AGGREGATION_FIELDS`` in ``packages/shared/src/server/queries/clickhouse-sql/
-  event-query-builder.ts``: ``user_id``, ``session_id``, ``environment``, the trace
-  name (``langfuse.trace.name``) and ``tags`` take the value of the most recently
-  received observation that has a non-empty one (``argMaxIf(.., event_ts, .. <> '')``),
-  so a trace-level attribute set on *any* span reaches the trace. ``input`` and
-  ``output`` come only from the root observation, the one without a parent span
-  (``argMaxIf(input, event_ts, parent_span_id = '')``); a span started with
-  ``trace_context=`` (``langfuse.internal.as_root``) has a parent id and is not the
-  root, as in Langfuse's fix for issue #15860 (PR #15927, "only treat parentless
-  spans as the trace root"). ``langfuse.internal.is_app_root`` only drives the
-  "root observations" filter of Langfuse's UI and does not change the rollup.
-- Two deliberate choices where v4 has no single rule: without any
-  ``langfuse.trace.name`` the trace is named after its root observation (the legacy
-  ``trace-create`` rule, ``langfuse.trace.name ?? root span name``, and what the UI
-  shows), and trace metadata merges the ``langfuse.trace.metadata.<key>`` attributes
-  of all observations key by key, later ones winning (v4 reads the root's, but the
-  SDK propagates trace metadata to every span, so both agree for propagated data).
+- Observation fields follow the v4 observation rows (``processToEvent``): type from
+  ``langfuse.observation.type`` (default ``span``; Langfuse spells it upper case);
+  level from ``langfuse.observation.level``, else ``ERROR`` when the OTel status is
+  error, else ``DEFAULT``; status message from ``langfuse.observation.status_message``,
+  else the OTel status message; environment from ``langfuse.environment`` (span, then
+  resource), else ``default``; model, model parameters, usage and cost details from
+  ``langfuse.observation.model.name`` / ``.model.parameters`` / ``.usage_details`` /
+  ``.cost_details``. Start and end times keep milliseconds, rounded down.
+- Metadata is the observation's (``langfuse.observation.metadata``, a JSON object,
+  overlaid with the ``langfuse.observation.metadata.<key>`` attributes) merged with the
+  trace metadata on the same span (``langfuse.trace.metadata``/``.<key>``), which wins
+  a tie: the SDK propagates trace metadata to every span, so every observation shows
+  it. Langfuse also adds ``resourceAttributes`` and ``scope``, kept here apart as
+  ``resource`` and ``scope``; a span from another instrumentation scope than
+  ``langfuse-sdk`` keeps its other attributes under ``attributes``.
+- A trace is every observation sharing a trace id. Its fields come from the
+  ``trace-create`` events Langfuse makes of its spans (``createTraceEvent``): a root
+  span (no parent, or ``langfuse.internal.as_root``, set by ``trace_context=``) writes
+  the trace name (``langfuse.trace.name``, else its own name), user, session, tags,
+  environment, input and output (``langfuse.trace.input``/``output``, else its own) and
+  metadata (trace metadata plus its own); any other span that sets a trace-level
+  attribute (Langfuse's ``hasTraceUpdates``) writes those same fields from its
+  trace-level attributes only; every other span writes only the environment. The last
+  non-empty write of a field wins, in arrival order, and metadata merges key by key.
+  ``langfuse.internal.is_app_root`` only drives a filter of Langfuse's UI.
 - Langfuse keeps one row per span id, so a span received twice (an exporter retry)
-  counts once, the later copy winning. "Most recently received" is arrival order at
-  this server, the analogue of Langfuse's ``event_ts``.
+  counts once, the later copy winning; each copy still wrote the trace.
+
+What the oracle does not cover, and so neither does this: model matching, cost and
+token counting (they need Langfuse's database), and the UI's own read-side roll-up.
 
 Values written by the SDK as JSON (input, output, metadata values) are decoded;
 a value that is not valid JSON stays the string it was sent as.
+
+:class:`LangfuseOracle` runs Langfuse's conversion (``langfuse-otel.cjs``, built from
+that commit; the pytest plugin finds it at ``$CELERY_LANGFUSE_ORACLE`` or
+``../shared/langfuse-oracle``) in one Node process; :func:`compare_with_langfuse`
+compares it with the capture server, observation by observation and trace by trace.
 """
 
 from __future__ import annotations
@@ -308,16 +316,17 @@ def build_traces(observations: Iterable[Observation], scores: Iterable[Score] = 
     Pure: the rollup rules of the module docstring applied to what was received.
     Scores attach to the trace named by their ``trace_id``; scores alone make no trace.
     """
+    received = list(observations)
     by_trace: dict[str, list[Observation]] = {}
-    for obs in _latest_copies(observations):
+    for obs in received:
         by_trace.setdefault(obs.trace_id, []).append(obs)
     scores_by_trace: dict[str, list[Score]] = {}
     for score in scores:
         if score.trace_id is not None:
             scores_by_trace.setdefault(score.trace_id, []).append(score)
     traces = [
-        _rollup(trace_id, received, scores_by_trace.get(trace_id, []))
-        for trace_id, received in by_trace.items()
+        _rollup(trace_id, spans, scores_by_trace.get(trace_id, []))
+        for trace_id, spans in by_trace.items()
     ]
     return sorted(traces, key=lambda trace: trace.observations[0].start_time)
 
@@ -333,10 +342,14 @@ def _latest_copies(observations: Iterable[Observation]) -> list[Observation]:
 
 
 def _rollup(trace_id: str, received: list[Observation], scores: list[Score]) -> Trace:
-    """Fold the trace writes of ``received`` (in arrival order) into one trace."""
+    """Fold the trace writes of ``received`` (in arrival order) into one trace.
+
+    Every copy of a span received twice writes the trace, as each becomes a
+    ``trace-create`` event; the trace shows only the latest copy of the span.
+    """
     trace = Trace(
         id=trace_id,
-        observations=sorted(received, key=lambda obs: obs.start_time),
+        observations=sorted(_latest_copies(received), key=lambda obs: obs.start_time),
         scores=scores,
     )
     for obs in received:
@@ -1140,8 +1153,28 @@ def _differences(
     return [
         Difference(where, key, capture.get(key), langfuse.get(key))
         for key in capture
-        if capture.get(key) != langfuse.get(key)
+        if not (
+            _same_metadata(capture[key], langfuse.get(key) or {})
+            if key == "metadata"
+            else capture.get(key) == langfuse.get(key)
+        )
     ]
+
+
+def _same_metadata(capture: Mapping[str, Any], langfuse: Mapping[str, Any]) -> bool:
+    """Metadata equal as Langfuse keeps it: one string per key, so a string value and
+    the value it spells (``"42"`` and ``42``) are the same there."""
+    return capture.keys() == langfuse.keys() and all(
+        capture[key] == langfuse[key] or _stored(capture[key]) == _stored(langfuse[key])
+        for key in capture
+    )
+
+
+def _stored(value: Any) -> str:
+    """A metadata value as Langfuse stores it: strings as they are, the rest as JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 _GENERATION_TYPES = frozenset({"GENERATION", "EMBEDDING"})
