@@ -10,11 +10,20 @@ the fixtures available:
   process from the environment on first use and installs the global OTel tracer
   provider once, so a client cannot be re-pointed at a second server later. For the
   same reason the fixture must run before anything creates a Langfuse client; it
-  fails with an explanation when a client already exports elsewhere.
+  fails with an explanation when a client already exports elsewhere. Apps whose
+  ``install(app)`` ran before it set the keys (a test module importing the app at
+  collection) are installed again, so they trace. It binds ``langfuse_capture_host``
+  (session, ``127.0.0.1``; ``0.0.0.0`` for a container to reach it).
 - ``langfuse_capture_clean`` (function): the same server, emptied for the test. It
   flushes spans still buffered from earlier tests first (the SDK's and
   celery-langfuse's own), and restores normal responses (undoing ``set_response``)
   before and after the test.
+- ``langfuse_worker`` (function): the app of ``langfuse_celery_app`` (which the user
+  defines) served by a worker in a thread, tracing; named apart from the
+  ``celery_worker`` of ``celery.contrib.pytest`` and of pytest-celery (a container
+  there), so it works beside either.
+- ``langfuse_oracle`` (session): the :class:`~celery_langfuse.testing.LangfuseOracle`
+  of the comparison below; skips the test when the comparison is off.
 
 The Langfuse comparison (``--langfuse-oracle``, ini ``langfuse_oracle``): after every
 test, each OTLP body the session's capture server received during it goes through
@@ -22,7 +31,7 @@ Langfuse's own server-side conversion (:class:`~celery_langfuse.testing.Langfuse
 one Node process for the session) and is compared with what the capture server
 rebuilt (:func:`~celery_langfuse.testing.compare_with_langfuse`); a difference, or a
 body Langfuse would reject, fails the test at teardown with the diff. Modes: ``auto``
-(the default: on when the oracle is found, else skipped with one header line),
+(the default: on when the oracle is found, else skipped, said in one summary line),
 ``require`` (a missing oracle or node is a usage error), ``ci`` (``require`` when
 ``CI=true``, else ``auto``), ``off``.
 
