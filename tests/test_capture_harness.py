@@ -161,6 +161,16 @@ def test_every_copy_of_a_span_received_twice_writes_the_trace() -> None:
     assert [obs.output for obs in trace.observations] == ["second"]
 
 
+def test_observations_in_one_millisecond_keep_the_order_they_started_in() -> None:
+    parent = observation("0000000000000001", name="cron", start_unix_nano=1_000_100)
+    child = observation("0000000000000002", "0000000000000001", name="publish")
+    child.start_time, child.start_unix_nano = parent.start_time, 1_000_900
+
+    (trace,) = build_traces([child, parent])  # the child ends, so arrives, first
+
+    assert [obs.name for obs in trace.observations] == ["cron", "publish"]
+
+
 def test_tree_shows_nesting_and_flags_orphans() -> None:
     root = observation("0000000000000001", name="request", attributes={"user.id": "u-1"})
     child = observation("0000000000000002", "0000000000000001", name="publish", level="WARNING")

@@ -169,6 +169,9 @@ class Observation:
     attributes: dict[str, Any] = field(default_factory=dict)
     scope: str = ""
     resource: dict[str, Any] = field(default_factory=dict)
+    #: The start as sent, in nanoseconds: it orders observations that Langfuse's
+    #: millisecond ``start_time`` ties (a parent and the child it starts at once).
+    start_unix_nano: int = field(default=0, compare=False, repr=False)
 
     @property
     def duration(self) -> float:
@@ -244,7 +247,7 @@ class Trace:
     scores: list[Score] = field(default_factory=list)
 
     def root_observations(self) -> list[Observation]:
-        """Observations without a parent span, by start time."""
+        """Observations without a parent span, by start time (to the nanosecond)."""
         return [obs for obs in self.observations if obs.parent_id is None]
 
     def children(self, observation: Observation) -> list[Observation]:
@@ -349,7 +352,9 @@ def _rollup(trace_id: str, received: list[Observation], scores: list[Score]) -> 
     """
     trace = Trace(
         id=trace_id,
-        observations=sorted(_latest_copies(received), key=lambda obs: obs.start_time),
+        observations=sorted(
+            _latest_copies(received), key=lambda obs: (obs.start_time, obs.start_unix_nano)
+        ),
         scores=scores,
     )
     for obs in received:
@@ -700,6 +705,7 @@ def _observation(span: Span, scope: str, resource: dict[str, Any]) -> Observatio
         name=span.name,
         type=str(attributes.get("langfuse.observation.type") or "span"),
         start_time=_datetime(span.start_time_unix_nano),
+        start_unix_nano=span.start_time_unix_nano,
         end_time=_datetime(span.end_time_unix_nano or span.start_time_unix_nano),
         level=str(
             attributes.get("langfuse.observation.level") or ("ERROR" if is_error else "DEFAULT")
