@@ -174,6 +174,26 @@ def test_a_required_oracle_that_is_missing_stops_the_run(project: Path) -> None:
         assert "langfuse_oracle=require: Langfuse oracle not found at" in done.stderr
 
 
+def test_a_required_oracle_without_node_stops_the_run(project: Path, tmp_path: Path) -> None:
+    no_node = tmp_path / "bin"
+    no_node.mkdir()
+    oracle = tmp_path / "langfuse-otel.cjs"
+    oracle.write_text("// found, but nothing can run it\n")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o", "langfuse_oracle=ci"],
+        cwd=project,
+        env={**user_env(), ORACLE_ENV: str(oracle), "PATH": str(no_node), "CI": "true"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 4, done.stdout + done.stderr
+    assert "langfuse_oracle=require: node (>= 20) is not on PATH" in done.stderr
+
+
 # pytest-celery's worker container: everything but the container itself.
 
 

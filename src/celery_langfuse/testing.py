@@ -945,10 +945,10 @@ def find_langfuse_oracle(start: str | Path | None = None) -> Path:
 
 
 def _node_command(node: str | None) -> str:
-    found = node or shutil.which("node")
+    found = shutil.which(node or "node")
     if not found:
         raise OracleUnavailable(
-            f"node (>= {_MIN_NODE_MAJOR}) is not on PATH; the oracle runs on it"
+            f"{node or 'node'} (>= {_MIN_NODE_MAJOR}) is not on PATH; the oracle runs on it"
         )
     version = subprocess.run(
         [found, "--version"], capture_output=True, text=True, timeout=30, check=False
