@@ -23,6 +23,8 @@ from redis import Redis
 from celery_langfuse.testing import CaptureServer
 
 ROOT = Path(__file__).resolve().parent.parent
+# A user's project (docs/testing.md), run by tests/test_user_project.py in its own pytest.
+collect_ignore = ["user_project"]
 REDIS_URL = os.environ.get("CELERY_LANGFUSE_TEST_REDIS", "redis://127.0.0.1:6379/1")
 
 

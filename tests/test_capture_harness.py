@@ -1,5 +1,5 @@
 """The capture harness: what the real Langfuse SDK sends arrives, decodes, and
-rebuilds into the traces Langfuse would show."""
+rebuilds into the traces Langfuse would show, as Langfuse's own conversion does."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,8 +22,16 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from celery_langfuse import testing
 from celery_langfuse.pytest_plugin import _langfuse_clients
-from celery_langfuse.testing import CaptureServer, Observation, build_traces
+from celery_langfuse.testing import (
+    ORACLE_ENV,
+    CaptureServer,
+    LangfuseOracle,
+    Observation,
+    build_traces,
+    compare_with_langfuse,
+)
 
 OTLP_PATH = "/api/public/otel/v1/traces"
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -33,6 +42,7 @@ def observation(span_id: str, parent_id: str | None = None, **fields: Any) -> Ob
     """An observation of TRACE_ID starting ``int(span_id, 16)`` ms after T0."""
     start = T0 + timedelta(milliseconds=int(span_id, 16))
     fields.setdefault("name", f"span-{span_id}")
+    fields.setdefault("scope", "langfuse-sdk")
     return Observation(
         id=span_id,
         trace_id=TRACE_ID,
@@ -79,8 +89,9 @@ def test_the_latest_received_non_empty_trace_attribute_wins() -> None:
     assert trace.session_id == "s"
 
 
-def test_trace_input_and_output_come_only_from_the_parentless_root() -> None:
+def test_trace_input_and_output_come_from_the_last_received_root() -> None:
     root = observation("0000000000000001", input={"q": "hi"}, output="answer")
+    child = observation("0000000000000003", "0000000000000001", input="child input")
     joined = observation(
         "0000000000000002",
         "00000000000000ff",
@@ -89,9 +100,31 @@ def test_trace_input_and_output_come_only_from_the_parentless_root() -> None:
         attributes={"langfuse.internal.as_root": True},
     )
 
-    (trace,) = build_traces([root, joined])
+    (before,) = build_traces([joined, root, child])
+    (after,) = build_traces([root, child, joined])
 
-    assert (trace.input, trace.output) == ({"q": "hi"}, "answer")
+    # A span started with trace_context= writes the trace like a parentless root.
+    assert (before.input, before.output) == ({"q": "hi"}, "answer")
+    assert (after.input, after.output) == ("worker input", "worker output")
+
+
+def test_a_root_writes_its_own_metadata_to_the_trace() -> None:
+    root = observation(
+        "0000000000000001",
+        attributes={
+            "langfuse.observation.metadata.step": '"request"',
+            "langfuse.trace.metadata.tenant": '"acme"',
+        },
+    )
+    child = observation(
+        "0000000000000002",
+        "0000000000000001",
+        attributes={"langfuse.observation.metadata.step": '"child"'},
+    )
+
+    (trace,) = build_traces([root, child])
+
+    assert trace.metadata == {"tenant": "acme", "step": "request"}
 
 
 def test_a_trace_without_a_root_has_no_input_and_no_fallback_name() -> None:
@@ -116,6 +149,26 @@ def test_a_span_received_twice_counts_once_with_the_later_copy() -> None:
     (trace,) = build_traces([early, late])
 
     assert [obs.output for obs in trace.observations] == ["second"]
+
+
+def test_every_copy_of_a_span_received_twice_writes_the_trace() -> None:
+    first = observation("0000000000000001", attributes={"session.id": "s-1"})
+    again = observation("0000000000000001", output="second")
+
+    (trace,) = build_traces([first, again])
+
+    assert trace.session_id == "s-1"
+    assert [obs.output for obs in trace.observations] == ["second"]
+
+
+def test_observations_in_one_millisecond_keep_the_order_they_started_in() -> None:
+    parent = observation("0000000000000001", name="cron", start_unix_nano=1_000_100)
+    child = observation("0000000000000002", "0000000000000001", name="publish")
+    child.start_time, child.start_unix_nano = parent.start_time, 1_000_900
+
+    (trace,) = build_traces([child, parent])  # the child ends, so arrives, first
+
+    assert [obs.name for obs in trace.observations] == ["cron", "publish"]
 
 
 def test_tree_shows_nesting_and_flags_orphans() -> None:
@@ -379,3 +432,156 @@ def test_spans_from_a_subprocess_are_captured(
     trace_id = done.stdout.strip()
     server.wait_for(lambda s: s.trace(trace_id).find("from-subprocess"))
     assert server.unhandled == []
+
+
+# Checked against Langfuse's own conversion
+
+
+def test_langfuse_reads_an_sdk_export_as_the_capture_server_does(
+    langfuse_capture_clean: CaptureServer, langfuse_oracle: LangfuseOracle
+) -> None:
+    langfuse = get_client()
+    with langfuse.start_as_current_observation(name="request", metadata={"step": 1}) as root:
+        with propagate_attributes(user_id="u-1", tags=["web"], metadata={"tenant": "acme"}):
+            langfuse.start_observation(
+                name="llm",
+                as_type="generation",
+                model="gpt-4o",
+                usage_details={"input": 10, "output": 5},
+            ).end()
+    joined = langfuse.start_observation(
+        name="joined", trace_context={"trace_id": root.trace_id, "parent_span_id": root.id}
+    )
+    joined.update(input="late input")
+    joined.end()
+    langfuse.flush()
+    server = langfuse_capture_clean
+    server.wait_for(lambda s: len(s.trace(root.trace_id).observations) == 3)
+
+    comparison = compare_with_langfuse(server.bodies, langfuse_oracle)
+
+    assert comparison.ok, comparison.report()
+    assert comparison.observations == 3
+    trace = server.trace(root.trace_id)
+    llm = trace.find("llm")
+    assert llm.metadata == {"tenant": "acme"}
+    assert (llm.model, llm.usage_details) == ("gpt-4o", {"input": 10, "output": 5})
+    assert trace.metadata == {"tenant": "acme", "step": 1}
+    assert trace.input == "late input"  # the span joined with trace_context= wrote last
+
+
+def microseconds(unix_nano: int) -> datetime:
+    return testing._UNIX_EPOCH + timedelta(microseconds=unix_nano // 1000)
+
+
+def test_a_difference_is_reported_field_by_field(
+    langfuse_capture_clean: CaptureServer,
+    langfuse_oracle: LangfuseOracle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    httpx.post(langfuse_capture_clean.base_url + OTLP_PATH, content=otlp_request())
+    (body,) = langfuse_capture_clean.bodies
+    # the capture server's old reading of times, to microseconds
+    monkeypatch.setattr(
+        testing,
+        "_datetime",
+        lambda nanos: testing._UNIX_EPOCH + timedelta(microseconds=nanos // 1000),
+    )
+    odd = otlp_request().replace(
+        (1_700_000_000_250_000_000).to_bytes(8, "little"),
+        (1_700_000_000_250_400_000).to_bytes(8, "little"),
+    )
+
+    comparison = compare_with_langfuse([body, odd], langfuse_oracle)
+
+    assert not comparison.ok
+    assert [(d.field, d.where.split(" (")[0]) for d in comparison.differences] == [
+        ("end_time", "observation 00f067aa0ba902b7 'by-hand'")
+    ]
+    report = comparison.report()
+    assert "compared 2 OTLP bodies, 2 observations, 1 traces" in report
+    assert "capture server: datetime.datetime(2023, 11, 14, 22, 13, 20, 250400" in report
+    assert "Langfuse:       datetime.datetime(2023, 11, 14, 22, 13, 20, 250000" in report
+
+
+def test_a_body_langfuse_would_reject_is_reported(langfuse_oracle: LangfuseOracle) -> None:
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(otlp_request())
+    request.resource_spans[0].scope_spans[0].spans[0].span_id = b""  # a log record's shape
+
+    comparison = compare_with_langfuse([request.SerializeToString()], langfuse_oracle)
+
+    assert not comparison.ok
+    (rejected,) = comparison.rejected
+    assert rejected.startswith("body 1: status 400")
+
+
+def test_clear_hands_the_bodies_it_forgets_to_on_clear(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    server = langfuse_capture_clean
+    handed: list[list[bytes]] = []
+    httpx.post(server.base_url + OTLP_PATH, content=otlp_request())
+    assert server.bodies == [otlp_request()]
+
+    server.on_clear(handed.append)
+    try:
+        server.clear()
+    finally:
+        server.on_clear(None)
+    server.clear()
+
+    assert handed == [[otlp_request()]]
+    assert server.bodies == []
+
+
+FAILING_PROJECT_CONFTEST = """
+from datetime import timedelta
+
+from celery_langfuse import testing
+
+# a capture server that reads times to the microsecond, as it once did
+testing._datetime = lambda nanos: testing._UNIX_EPOCH + timedelta(microseconds=nanos // 1000)
+"""
+
+FAILING_PROJECT_TEST = """
+import time
+
+from langfuse import get_client
+
+
+def test_one_span(langfuse_capture_clean):
+    langfuse = get_client()
+    while time.time_ns() % 1_000_000 < 1000:  # a start time with microseconds
+        pass
+    with langfuse.start_as_current_observation(name="timed"):
+        time.sleep(0.0105)
+    langfuse.flush()
+    langfuse_capture_clean.wait_for_observations(1, name="timed")
+"""
+
+
+def test_a_test_whose_capture_differs_from_langfuse_fails_with_the_diff(
+    tmp_path: Path, langfuse_oracle: LangfuseOracle
+) -> None:
+    (tmp_path / "conftest.py").write_text(FAILING_PROJECT_CONFTEST)
+    (tmp_path / "test_timed.py").write_text(FAILING_PROJECT_TEST)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LANGFUSE_")}
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-p", "no:celery"],
+        cwd=tmp_path,
+        env={**env, ORACLE_ENV: str(langfuse_oracle.script)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "1 passed, 1 error" in done.stdout
+    assert "ERROR at teardown of test_one_span" in done.stdout
+    assert "the capture server does not show what Langfuse shows" in done.stdout
+    assert "'timed' (trace " in done.stdout
+    assert "capture server: datetime.datetime(" in done.stdout
+    assert "differences (" in done.stdout and "start_time: 1" in done.stdout, done.stdout

@@ -15,53 +15,67 @@ Endpoints served (the ones SDK v5 calls):
 - ``GET /api/public/projects``: what ``Langfuse.auth_check()`` calls; one project.
 
 Each span becomes an :class:`Observation`; :func:`build_traces` groups them into
-:class:`Trace` objects following the Langfuse server's rules:
+:class:`Trace` objects. The rules are Langfuse's own, checked against its server-side
+conversion (``OtelIngestionProcessor`` of langfuse/langfuse at commit
+62751446149b702b419a9292ddfc2280cdf74b8c, ``packages/shared/src/server/otel/``) by
+:func:`compare_with_langfuse`, which the test suite runs on every body it sends:
 
-- Observation fields follow ``OtelIngestionProcessor`` (langfuse/langfuse,
-  ``packages/shared/src/server/otel/OtelIngestionProcessor.ts``): type from
-  ``langfuse.observation.type`` (default ``span``); level from
-  ``langfuse.observation.level``, else ``ERROR`` when the OTel status is error, else
-  ``DEFAULT``; status message from ``langfuse.observation.status_message``, else the
-  OTel status message; environment from ``langfuse.environment`` (span, then
-  resource), else ``default``; metadata from ``langfuse.observation.metadata`` (a JSON
-  object) overlaid with the ``langfuse.observation.metadata.<key>`` attributes.
-- A trace is every observation sharing a trace id. Its trace-level fields are rolled
-  up as Langfuse v4 (the only server SDK v5 supports) aggregates its events table,
-  ``EVENTS_AGGREGATION_FIELDS`` in ``packages/shared/src/server/queries/clickhouse-sql/
-  event-query-builder.ts``: ``user_id``, ``session_id``, ``environment``, the trace
-  name (``langfuse.trace.name``) and ``tags`` take the value of the most recently
-  received observation that has a non-empty one (``argMaxIf(.., event_ts, .. <> '')``),
-  so a trace-level attribute set on *any* span reaches the trace. ``input`` and
-  ``output`` come only from the root observation, the one without a parent span
-  (``argMaxIf(input, event_ts, parent_span_id = '')``); a span started with
-  ``trace_context=`` (``langfuse.internal.as_root``) has a parent id and is not the
-  root, as in Langfuse's fix for issue #15860 (PR #15927, "only treat parentless
-  spans as the trace root"). ``langfuse.internal.is_app_root`` only drives the
-  "root observations" filter of Langfuse's UI and does not change the rollup.
-- Two deliberate choices where v4 has no single rule: without any
-  ``langfuse.trace.name`` the trace is named after its root observation (the legacy
-  ``trace-create`` rule, ``langfuse.trace.name ?? root span name``, and what the UI
-  shows), and trace metadata merges the ``langfuse.trace.metadata.<key>`` attributes
-  of all observations key by key, later ones winning (v4 reads the root's, but the
-  SDK propagates trace metadata to every span, so both agree for propagated data).
+- Observation fields follow the v4 observation rows (``processToEvent``): type from
+  ``langfuse.observation.type`` (default ``span``; Langfuse spells it upper case);
+  level from ``langfuse.observation.level``, else ``ERROR`` when the OTel status is
+  error, else ``DEFAULT``; status message from ``langfuse.observation.status_message``,
+  else the OTel status message; environment from ``langfuse.environment`` (span, then
+  resource), else ``default``; model, model parameters, usage and cost details from
+  ``langfuse.observation.model.name`` / ``.model.parameters`` / ``.usage_details`` /
+  ``.cost_details``. Start and end times keep milliseconds, rounded down.
+- Metadata is the observation's (``langfuse.observation.metadata``, a JSON object,
+  overlaid with the ``langfuse.observation.metadata.<key>`` attributes) merged with the
+  trace metadata on the same span (``langfuse.trace.metadata``/``.<key>``), which wins
+  a tie: the SDK propagates trace metadata to every span, so every observation shows
+  it. Langfuse also adds ``resourceAttributes`` and ``scope``, kept here apart as
+  ``resource`` and ``scope``; a span from another instrumentation scope than
+  ``langfuse-sdk`` keeps its other attributes under ``attributes``.
+- A trace is every observation sharing a trace id. Its fields come from the
+  ``trace-create`` events Langfuse makes of its spans (``createTraceEvent``): a root
+  span (no parent, or ``langfuse.internal.as_root``, set by ``trace_context=``) writes
+  the trace name (``langfuse.trace.name``, else its own name), user, session, tags,
+  environment, input and output (``langfuse.trace.input``/``output``, else its own) and
+  metadata (trace metadata plus its own); any other span that sets a trace-level
+  attribute (Langfuse's ``hasTraceUpdates``) writes those same fields from its
+  trace-level attributes only; every other span writes only the environment. The last
+  non-empty write of a field wins, in arrival order, and metadata merges key by key.
+  ``langfuse.internal.is_app_root`` only drives a filter of Langfuse's UI.
 - Langfuse keeps one row per span id, so a span received twice (an exporter retry)
-  counts once, the later copy winning. "Most recently received" is arrival order at
-  this server, the analogue of Langfuse's ``event_ts``.
+  counts once, the later copy winning; each copy still wrote the trace.
+
+What the oracle does not cover, and so neither does this: model matching, cost and
+token counting (they need Langfuse's database), and the UI's own read-side roll-up.
 
 Values written by the SDK as JSON (input, output, metadata values) are decoded;
 a value that is not valid JSON stays the string it was sent as.
+
+:class:`LangfuseOracle` runs Langfuse's conversion (``langfuse-otel.cjs``, built from
+that commit; the pytest plugin finds it at ``$CELERY_LANGFUSE_ORACLE`` or
+``../shared/langfuse-oracle``) in one Node process; :func:`compare_with_langfuse`
+compares it with the capture server, observation by observation and trace by trace.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable, cast
 
 from google.protobuf.message import DecodeError
@@ -73,11 +87,18 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 __all__ = [
+    "ORACLE_ENV",
     "CaptureServer",
+    "Difference",
+    "LangfuseComparison",
+    "LangfuseOracle",
     "Observation",
+    "OracleUnavailable",
     "Score",
     "Trace",
     "build_traces",
+    "compare_with_langfuse",
+    "find_langfuse_oracle",
     "format_traces",
 ]
 
@@ -91,6 +112,33 @@ _PROJECTS_PATH = "/api/public/projects"
 _OBSERVATION_METADATA = "langfuse.observation.metadata"
 _TRACE_METADATA = "langfuse.trace.metadata"
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# Attributes that make a span write its trace, ``hasTraceUpdates`` in Langfuse.
+_TRACE_UPDATE_KEYS = (
+    "langfuse.trace.name",
+    "langfuse.trace.input",
+    "langfuse.trace.output",
+    "langfuse.trace.public",
+    "langfuse.trace.tags",
+    "user.id",
+    "session.id",
+    "langfuse.user.id",
+    "langfuse.session.id",
+    f"{_OBSERVATION_METADATA}.langfuse_user_id",
+    f"{_OBSERVATION_METADATA}.langfuse_session_id",
+    f"{_OBSERVATION_METADATA}.langfuse_tags",
+)
+# The instrumentation scope of the Langfuse SDK (and of this library's lean spans).
+# Spans of any other scope keep their plain attributes in metadata, under "attributes".
+_LANGFUSE_SCOPE = "langfuse-sdk"
+# Attributes Langfuse reads into fields, so leaves out of that "attributes" metadata.
+_FIELD_ATTRIBUTES = frozenset(
+    {
+        "langfuse.trace.input",
+        "langfuse.trace.output",
+        "langfuse.observation.input",
+        "langfuse.observation.output",
+    }
+)
 
 
 @dataclass
@@ -114,9 +162,16 @@ class Observation:
     output: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     environment: str = "default"
+    model: str | None = None
+    model_parameters: dict[str, Any] = field(default_factory=dict)
+    usage_details: dict[str, Any] = field(default_factory=dict)
+    cost_details: dict[str, Any] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
     scope: str = ""
     resource: dict[str, Any] = field(default_factory=dict)
+    #: The start as sent, in nanoseconds: it orders observations that Langfuse's
+    #: millisecond ``start_time`` ties (a parent and the child it starts at once).
+    start_unix_nano: int = field(default=0, compare=False, repr=False)
 
     @property
     def duration(self) -> float:
@@ -147,6 +202,13 @@ class Observation:
     def trace_metadata(self) -> dict[str, Any]:
         """Trace-level metadata (``langfuse.trace.metadata.*``) on this span."""
         return _metadata(self.attributes, _TRACE_METADATA)
+
+    @property
+    def updates_trace(self) -> bool:
+        """Whether the span sets a trace-level attribute (Langfuse's ``hasTraceUpdates``)."""
+        return any(self.attributes.get(key) for key in _TRACE_UPDATE_KEYS) or any(
+            key.startswith(_TRACE_METADATA) for key in self.attributes
+        )
 
     @property
     def as_root(self) -> bool:
@@ -185,7 +247,7 @@ class Trace:
     scores: list[Score] = field(default_factory=list)
 
     def root_observations(self) -> list[Observation]:
-        """Observations without a parent span, by start time."""
+        """Observations without a parent span, by start time (to the nanosecond)."""
         return [obs for obs in self.observations if obs.parent_id is None]
 
     def children(self, observation: Observation) -> list[Observation]:
@@ -257,16 +319,17 @@ def build_traces(observations: Iterable[Observation], scores: Iterable[Score] = 
     Pure: the rollup rules of the module docstring applied to what was received.
     Scores attach to the trace named by their ``trace_id``; scores alone make no trace.
     """
+    received = list(observations)
     by_trace: dict[str, list[Observation]] = {}
-    for obs in _latest_copies(observations):
+    for obs in received:
         by_trace.setdefault(obs.trace_id, []).append(obs)
     scores_by_trace: dict[str, list[Score]] = {}
     for score in scores:
         if score.trace_id is not None:
             scores_by_trace.setdefault(score.trace_id, []).append(score)
     traces = [
-        _rollup(trace_id, received, scores_by_trace.get(trace_id, []))
-        for trace_id, received in by_trace.items()
+        _rollup(trace_id, spans, scores_by_trace.get(trace_id, []))
+        for trace_id, spans in by_trace.items()
     ]
     return sorted(traces, key=lambda trace: trace.observations[0].start_time)
 
@@ -282,33 +345,59 @@ def _latest_copies(observations: Iterable[Observation]) -> list[Observation]:
 
 
 def _rollup(trace_id: str, received: list[Observation], scores: list[Score]) -> Trace:
-    roots = [obs for obs in received if obs.parent_id is None]
-    root = roots[-1] if roots else None
-    metadata: dict[str, Any] = {}
-    for obs in received:
-        metadata.update(obs.trace_metadata)
-    return Trace(
+    """Fold the trace writes of ``received`` (in arrival order) into one trace.
+
+    Every copy of a span received twice writes the trace, as each becomes a
+    ``trace-create`` event; the trace shows only the latest copy of the span.
+    """
+    trace = Trace(
         id=trace_id,
-        name=_last_set(obs.trace_name for obs in received) or (root.name if root else None),
-        user_id=_last_set(obs.user_id for obs in received),
-        session_id=_last_set(obs.session_id for obs in received),
-        tags=_last_set(obs.tags for obs in received) or [],
-        environment=_last_set(obs.environment for obs in received),
-        metadata=metadata,
-        input=root.input if root else None,
-        output=root.output if root else None,
-        observations=sorted(received, key=lambda obs: obs.start_time),
+        observations=sorted(
+            _latest_copies(received), key=lambda obs: (obs.start_time, obs.start_unix_nano)
+        ),
         scores=scores,
     )
+    for obs in received:
+        for name, value in _trace_write(obs).items():
+            if name == "metadata":
+                trace.metadata.update(value)
+            elif _meaningful(value):
+                setattr(trace, name, value)
+    return trace
 
 
-def _last_set(values: Iterable[Any]) -> Any:
-    """The last non-empty value, Langfuse's ``argMaxIf(value, event_ts, value <> '')``."""
-    found = None
-    for value in values:
-        if value:
-            found = value
-    return found
+def _trace_write(obs: Observation) -> dict[str, Any]:
+    """What one span writes to its trace: the fields of the ``trace-create`` event
+    Langfuse makes of it (``OtelIngestionProcessor.createTraceEvent``)."""
+    is_root = obs.parent_id is None or obs.as_root
+    if not is_root and not obs.updates_trace:
+        return {"environment": obs.environment}
+    attributes = obs.attributes
+    write: dict[str, Any] = {
+        "name": obs.trace_name,
+        "user_id": obs.user_id,
+        "session_id": obs.session_id,
+        "tags": obs.tags,
+        "environment": obs.environment,
+        "metadata": obs.trace_metadata,
+        "input": _json_value(attributes.get("langfuse.trace.input")),
+        "output": _json_value(attributes.get("langfuse.trace.output")),
+    }
+    if is_root:
+        write["name"] = obs.trace_name or obs.name
+        write["metadata"] = {
+            **obs.trace_metadata,
+            **_metadata(attributes, _OBSERVATION_METADATA),
+            **_scope_attributes(obs.scope, attributes),
+        }
+        write["input"] = write["input"] or obs.input
+        write["output"] = write["output"] or obs.output
+    return write
+
+
+def _meaningful(value: Any) -> bool:
+    """Langfuse's ``hasMeaningfulValue``: not null, empty string, list or object."""
+    return value is not None and not (isinstance(value, (str, list, dict)) and not value)
 
 
 @dataclass
@@ -326,10 +415,13 @@ class CaptureServer:
     call while requests arrive on the server's threads.
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self._port = port
+        self._host = host
         self._lock = threading.Lock()
         self._received: list[Observation] = []
+        self._bodies: list[bytes] = []
+        self._on_clear: Callable[[list[bytes]], None] | None = None
         self._scores: list[Score] = []
         self._requests = 0
         self._unhandled: list[str] = []
@@ -338,10 +430,11 @@ class CaptureServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Bind 127.0.0.1 (a free port when ``port`` is 0) and serve in a daemon thread."""
+        """Bind ``host`` (127.0.0.1 unless given; ``0.0.0.0`` lets a container reach
+        it) on ``port`` (a free one when 0) and serve in a daemon thread."""
         if self._httpd is not None:
             raise RuntimeError("CaptureServer is already running")
-        self._httpd = _CaptureHTTPServer(("127.0.0.1", self._port), self)
+        self._httpd = _CaptureHTTPServer((self._host, self._port), self)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="langfuse-capture", daemon=True
         )
@@ -367,18 +460,30 @@ class CaptureServer:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``, what ``LANGFUSE_BASE_URL`` must be."""
+        """``http://127.0.0.1:PORT``, what ``LANGFUSE_BASE_URL`` must be on this host."""
         if self._httpd is None:
             raise RuntimeError("CaptureServer is not running; call start() first")
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        if self._httpd is None:
+            raise RuntimeError("CaptureServer is not running; call start() first")
+        return int(self._httpd.server_address[1])
 
     @property
     def env(self) -> dict[str, str]:
         """Environment that points a Langfuse SDK at this server, for ``os.environ``
         or a subprocess. The short flush interval makes exports arrive within ~0.1 s
         while keeping the SDK's batching (and so its flush paths) as in production."""
+        return self.env_for(self.base_url)
+
+    def env_for(self, base_url: str) -> dict[str, str]:
+        """``env`` for a process that reaches this server at another address, such as
+        ``http://host.docker.internal:PORT`` from a container (see ``port``)."""
         return {
-            "LANGFUSE_BASE_URL": self.base_url,
+            "LANGFUSE_BASE_URL": base_url,
             "LANGFUSE_PUBLIC_KEY": PUBLIC_KEY,
             "LANGFUSE_SECRET_KEY": SECRET_KEY,
             "LANGFUSE_FLUSH_INTERVAL": "0.1",
@@ -404,6 +509,25 @@ class CaptureServer:
         for span_id in ids:
             counts[span_id] = counts.get(span_id, 0) + 1
         return counts
+
+    @property
+    def bodies(self) -> list[bytes]:
+        """Every OTLP request body stored, uncompressed, in arrival order: exactly the
+        bytes Langfuse would have decoded (see :func:`compare_with_langfuse`)."""
+        with self._lock:
+            return list(self._bodies)
+
+    def take_bodies(self) -> list[bytes]:
+        """``bodies``, forgetting them (the observations stay): what the pytest plugin
+        compares with Langfuse after each test, so no body is compared twice."""
+        with self._lock:
+            bodies, self._bodies = self._bodies, []
+        return bodies
+
+    def on_clear(self, callback: Callable[[list[bytes]], None] | None) -> None:
+        """Have ``clear()`` hand the bodies it forgets to ``callback`` first (the pytest
+        plugin compares them with Langfuse), or stop doing so with ``None``."""
+        self._on_clear = callback
 
     @property
     def scores(self) -> list[Score]:
@@ -437,7 +561,11 @@ class CaptureServer:
         raise KeyError(f"no trace {trace_id} captured")
 
     def clear(self) -> None:
-        """Forget everything received, including the request count."""
+        """Forget everything received, including the request count and ``bodies``
+        (handed to the ``on_clear`` callback first)."""
+        bodies = self.take_bodies()
+        if self._on_clear is not None and bodies:
+            self._on_clear(bodies)
         with self._lock:
             self._received.clear()
             self._scores.clear()
@@ -538,6 +666,7 @@ class CaptureServer:
         observations = _observations_from_otlp(body)
         with self._lock:
             self._received.extend(observations)
+            self._bodies.append(body)
         return 200, {"Content-Type": "application/x-protobuf"}, _EMPTY_OTLP_RESPONSE
 
     def _store_scores(self, body: bytes, headers: Mapping[str, str]) -> _Reply:
@@ -576,6 +705,7 @@ def _observation(span: Span, scope: str, resource: dict[str, Any]) -> Observatio
         name=span.name,
         type=str(attributes.get("langfuse.observation.type") or "span"),
         start_time=_datetime(span.start_time_unix_nano),
+        start_unix_nano=span.start_time_unix_nano,
         end_time=_datetime(span.end_time_unix_nano or span.start_time_unix_nano),
         level=str(
             attributes.get("langfuse.observation.level") or ("ERROR" if is_error else "DEFAULT")
@@ -587,12 +717,21 @@ def _observation(span: Span, scope: str, resource: dict[str, Any]) -> Observatio
         ),
         input=_json_value(attributes.get("langfuse.observation.input")),
         output=_json_value(attributes.get("langfuse.observation.output")),
-        metadata=_metadata(attributes, _OBSERVATION_METADATA),
+        # Langfuse stores the trace metadata on every observation too, winning ties.
+        metadata={
+            **_scope_attributes(scope, attributes),
+            **_metadata(attributes, _OBSERVATION_METADATA),
+            **_metadata(attributes, _TRACE_METADATA),
+        },
         environment=(
             _first_string(attributes, "langfuse.environment")
             or _first_string(resource, "langfuse.environment")
             or "default"
         ),
+        model=_first_string(attributes, "langfuse.observation.model.name"),
+        model_parameters=_json_object(attributes.get("langfuse.observation.model.parameters")),
+        usage_details=_json_object(attributes.get("langfuse.observation.usage_details")),
+        cost_details=_json_object(attributes.get("langfuse.observation.cost_details")),
         attributes=attributes,
         scope=scope,
         resource=resource,
@@ -615,7 +754,22 @@ def _any_value(value: AnyValue) -> Any:
 
 
 def _datetime(unix_nano: int) -> datetime:
-    return _UNIX_EPOCH + timedelta(microseconds=unix_nano // 1000)
+    """Langfuse keeps milliseconds, rounding down."""
+    return _UNIX_EPOCH + timedelta(milliseconds=unix_nano // 1_000_000)
+
+
+def _scope_attributes(scope: str, attributes: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"attributes": ...}`` for a span from outside the Langfuse SDK: its attributes
+    that no field takes, non-strings as JSON, as Langfuse keeps them in metadata."""
+    if scope.startswith(_LANGFUSE_SCOPE):
+        return {}
+    kept = {
+        key: value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+        for key, value in attributes.items()
+        if key not in _FIELD_ATTRIBUTES
+        and not key.startswith((_TRACE_METADATA, _OBSERVATION_METADATA))
+    }
+    return {"attributes": kept}
 
 
 def _json_value(value: Any) -> Any:
@@ -626,6 +780,12 @@ def _json_value(value: Any) -> Any:
         return json.loads(value)
     except ValueError:
         return value
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    """A JSON object attribute as a dict; anything else (absent, invalid) as ``{}``."""
+    decoded = _json_value(value)
+    return dict(decoded) if isinstance(decoded, dict) else {}
 
 
 def _metadata(attributes: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -736,3 +896,412 @@ class _CaptureHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Keep test output quiet; ``CaptureServer.unhandled`` records what went wrong."""
+
+
+# Langfuse's own conversion: the reference the capture server is checked against.
+
+#: Where :func:`find_langfuse_oracle` looks first: the oracle file or its folder.
+ORACLE_ENV = "CELERY_LANGFUSE_ORACLE"
+_ORACLE_FILE = "langfuse-otel.cjs"
+_ORACLE_DIR = Path("..", "shared", "langfuse-oracle")
+_MIN_NODE_MAJOR = 20
+_ORACLE_MARK = "\x1eORACLE "
+# One long-lived Node process converts bodies one at a time: a line of base64 in, a
+# marked line of JSON out. Anything else the bundle prints is not marked and skipped.
+_ORACLE_DRIVER = r"""
+const { convert } = require(process.argv[1]);
+const lines = require("readline").createInterface({ input: process.stdin, crlfDelay: Infinity });
+(async () => {
+  for await (const line of lines) {
+    let out;
+    try { out = await convert(Buffer.from(line, "base64")); }
+    catch (e) { out = { status: 500, error: String((e && e.stack) || e) }; }
+    process.stdout.write("\u001eORACLE " + JSON.stringify(out) + "\n");
+  }
+})();
+"""
+
+
+class OracleUnavailable(RuntimeError):
+    """The Langfuse oracle cannot run here; the message says why and what to do."""
+
+
+def find_langfuse_oracle(start: str | Path | None = None) -> Path:
+    """The oracle script, ``langfuse-otel.cjs``.
+
+    ``$CELERY_LANGFUSE_ORACLE`` (the file or its folder) if set, else
+    ``../shared/langfuse-oracle`` relative to ``start`` (default: the current
+    directory). Raises :class:`OracleUnavailable` naming the places looked at.
+    """
+    configured = os.environ.get(ORACLE_ENV)
+    place = Path(configured) if configured else Path(start or Path.cwd()) / _ORACLE_DIR
+    script = place if place.suffix == ".cjs" else place / _ORACLE_FILE
+    if script.is_file():
+        return script.resolve()
+    how = f"{ORACLE_ENV}={configured}" if configured else f"{ORACLE_ENV} is not set"
+    raise OracleUnavailable(
+        f"Langfuse oracle not found at {script} ({how}); set {ORACLE_ENV} to its folder"
+    )
+
+
+def _node_command(node: str | None) -> str:
+    found = shutil.which(node or "node")
+    if not found:
+        raise OracleUnavailable(
+            f"{node or 'node'} (>= {_MIN_NODE_MAJOR}) is not on PATH; the oracle runs on it"
+        )
+    version = subprocess.run(
+        [found, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    major = version.lstrip("v").split(".", 1)[0]
+    if not major.isdigit() or int(major) < _MIN_NODE_MAJOR:
+        raise OracleUnavailable(f"{found} is {version or 'unknown'}; the oracle needs node >= 20")
+    return found
+
+
+class LangfuseOracle:
+    """Langfuse's server-side conversion of OTLP bodies, in one long-lived Node process.
+
+    ``convert(body)`` returns what the oracle's ``convert`` returns: ``status`` (200, or
+    400 when Langfuse's route rejects the body), ``validation`` (ingestion events that
+    fail Langfuse's schema), ``ingestionEvents`` (``trace-create`` and the observation
+    events) and ``events`` (the v4 observation rows). One call costs about a
+    millisecond once the process runs, so a whole test suite can go through it.
+    """
+
+    def __init__(self, script: str | Path | None = None, node: str | None = None) -> None:
+        self.script = Path(script) if script is not None else find_langfuse_oracle()
+        if not self.script.is_file():
+            raise OracleUnavailable(f"Langfuse oracle {self.script} does not exist")
+        self._node = _node_command(node)
+        self._process: subprocess.Popen[str] | None = None
+        self._stderr: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def commit(self) -> str | None:
+        """The Langfuse commit the oracle was built from (its ``COMMIT`` file)."""
+        path = self.script.parent / "COMMIT"
+        return path.read_text().strip() if path.is_file() else None
+
+    def convert(self, body: bytes) -> dict[str, Any]:
+        """What Langfuse makes of one OTLP request body (protobuf, gzip or not)."""
+        with self._lock:
+            process = self._running()
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                process.stdin.write(base64.b64encode(body).decode("ascii") + "\n")
+                process.stdin.flush()
+                while True:
+                    line = process.stdout.readline()
+                    if not line:
+                        break
+                    if line.startswith(_ORACLE_MARK):
+                        result: dict[str, Any] = json.loads(line[len(_ORACLE_MARK) :])
+                        return result
+            except (BrokenPipeError, OSError):
+                pass
+            self._stderr.seek(0)
+            error = self._stderr.read()[-2000:]
+            self._process = None
+        raise OracleUnavailable(f"the Langfuse oracle process ({self.script}) died: {error}")
+
+    def _running(self) -> subprocess.Popen[str]:
+        if self._process is None or self._process.poll() is not None:
+            # kept open for the life of the process, read when it dies
+            self._stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115
+            self._process = subprocess.Popen(
+                [self._node, "-e", _ORACLE_DRIVER, str(self.script)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._stderr,
+                text=True,
+            )
+        return self._process
+
+    def close(self) -> None:
+        """Stop the Node process (it starts again on the next ``convert``)."""
+        with self._lock:
+            process, self._process = self._process, None
+        if process is not None:
+            assert process.stdin is not None
+            process.stdin.close()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> LangfuseOracle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class Difference:
+    """One field on which the capture server and Langfuse disagree."""
+
+    where: str
+    field: str
+    capture: Any
+    langfuse: Any
+
+    def __str__(self) -> str:
+        return (
+            f"{self.where}: {self.field}\n"
+            f"    capture server: {self.capture!r}\n"
+            f"    Langfuse:       {self.langfuse!r}"
+        )
+
+
+@dataclass
+class LangfuseComparison:
+    """The outcome of :func:`compare_with_langfuse`: counts, and what disagreed."""
+
+    bodies: int = 0
+    observations: int = 0
+    traces: int = 0
+    rejected: list[str] = field(default_factory=list)
+    differences: list[Difference] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Langfuse accepted every body and reads it as the capture server does."""
+        return not self.rejected and not self.differences
+
+    def report(self, limit: int = 40) -> str:
+        """The rejections and differences, readable; ``limit`` differences at most."""
+        lines = [
+            f"compared {self.bodies} OTLP bodies, {self.observations} observations, "
+            f"{self.traces} traces with Langfuse's own conversion: "
+            f"{len(self.rejected)} rejected, {len(self.differences)} differences"
+        ]
+        lines.extend(f"  rejected: {reason}" for reason in self.rejected)
+        lines.extend(str(difference) for difference in self.differences[:limit])
+        if len(self.differences) > limit:
+            lines.append(f"... and {len(self.differences) - limit} more differences")
+        return "\n".join(lines)
+
+
+def compare_with_langfuse(bodies: Iterable[bytes], oracle: LangfuseOracle) -> LangfuseComparison:
+    """Feed OTLP request bodies to Langfuse's own conversion and compare, observation by
+    observation and trace by trace, with what the capture server rebuilds from them.
+
+    ``bodies`` in arrival order, uncompressed (:attr:`CaptureServer.bodies`). Traces are
+    compared over all of them together, since one trace's spans arrive in several.
+    """
+    comparison = LangfuseComparison()
+    received: list[Observation] = []
+    trace_events: list[dict[str, Any]] = []
+    for number, body in enumerate(bodies, 1):
+        comparison.bodies += 1
+        result = oracle.convert(body)
+        if result.get("status") != 200 or result.get("validation"):
+            comparison.rejected.append(f"body {number}: {_rejection(result)}")
+            continue
+        observations = _observations_from_otlp(body)
+        received.extend(observations)
+        rows = {(row["traceId"], row["spanId"]): row for row in result.get("events", [])}
+        for obs in observations:
+            comparison.observations += 1
+            row = rows.pop((obs.trace_id, obs.id), None)
+            where = f"observation {obs.id} {obs.name!r} (trace {obs.trace_id}, body {number})"
+            if row is None:
+                comparison.differences.append(Difference(where, "present", True, False))
+                continue
+            comparison.differences.extend(
+                _differences(where, _capture_observation(obs), _langfuse_observation(row))
+            )
+        for (trace_id, span_id), row in rows.items():
+            where = f"observation {span_id} {row.get('name')!r} (trace {trace_id}, body {number})"
+            comparison.differences.append(Difference(where, "present", False, True))
+        trace_events.extend(
+            event["body"]
+            for event in result.get("ingestionEvents", [])
+            if event.get("type") == "trace-create"
+        )
+    langfuse_traces = _langfuse_traces(trace_events)
+    for trace in build_traces(received):
+        comparison.traces += 1
+        where = f"trace {trace.id}"
+        langfuse_trace = langfuse_traces.pop(trace.id, None)
+        if langfuse_trace is None:
+            comparison.differences.append(Difference(where, "present", True, False))
+            continue
+        comparison.differences.extend(_differences(where, _capture_trace(trace), langfuse_trace))
+    for trace_id in langfuse_traces:
+        comparison.differences.append(Difference(f"trace {trace_id}", "present", False, True))
+    return comparison
+
+
+def _rejection(result: Mapping[str, Any]) -> str:
+    if result.get("status") != 200:
+        return f"status {result.get('status')}: {result.get('rejected') or result.get('error')}"
+    issues = [
+        f"{item.get('type')} {item.get('id')}: "
+        + "; ".join(
+            f"{'.'.join(map(str, issue.get('path', [])))} {issue.get('message')}"
+            for issue in item.get("issues", [])
+        )
+        for item in result.get("validation", [])
+    ]
+    return "fails Langfuse's ingestion schema: " + " | ".join(issues)
+
+
+def _differences(
+    where: str, capture: Mapping[str, Any], langfuse: Mapping[str, Any]
+) -> list[Difference]:
+    return [
+        Difference(where, key, capture.get(key), langfuse.get(key))
+        for key in capture
+        if not (
+            _same_metadata(capture[key], langfuse.get(key) or {})
+            if key == "metadata"
+            else capture.get(key) == langfuse.get(key)
+        )
+    ]
+
+
+def _same_metadata(capture: Mapping[str, Any], langfuse: Mapping[str, Any]) -> bool:
+    """Metadata equal as Langfuse keeps it: one string per key, so a string value and
+    the value it spells (``"42"`` and ``42``) are the same there."""
+    return capture.keys() == langfuse.keys() and all(
+        capture[key] == langfuse[key] or _stored(capture[key]) == _stored(langfuse[key])
+        for key in capture
+    )
+
+
+def _stored(value: Any) -> str:
+    """A metadata value as Langfuse stores it: strings as they are, the rest as JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_GENERATION_TYPES = frozenset({"GENERATION", "EMBEDDING"})
+# Keys Langfuse adds to every observation's metadata from the resource and the scope;
+# the capture server keeps those apart, as ``resource`` and ``scope``.
+_LANGFUSE_METADATA_KEYS = ("resourceAttributes", "scope")
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    """Langfuse's ISO timestamp (``...T06:21:14.756Z``) as an aware datetime."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def _capture_observation(obs: Observation) -> dict[str, Any]:
+    view = {
+        "id": obs.id,
+        "parent_id": obs.parent_id,
+        "trace_id": obs.trace_id,
+        "name": obs.name,
+        "type": obs.type.upper(),
+        "level": obs.level,
+        "status_message": obs.status_message,
+        "input": obs.input,
+        "output": obs.output,
+        "metadata": obs.metadata,
+        "environment": obs.environment,
+        "user_id": obs.user_id,
+        "session_id": obs.session_id,
+        "tags": obs.tags,
+        "trace_name": obs.trace_name,
+        "start_time": obs.start_time,
+        "end_time": obs.end_time,
+        "resource": obs.resource,
+        "scope": obs.scope,
+    }
+    if view["type"] in _GENERATION_TYPES:
+        view.update(
+            model=obs.model,
+            model_parameters=obs.model_parameters,
+            usage_details=obs.usage_details,
+            cost_details=obs.cost_details,
+        )
+    return view
+
+
+def _langfuse_observation(row: Mapping[str, Any]) -> dict[str, Any]:
+    metadata = dict(row.get("metadata") or {})
+    resource = metadata.pop("resourceAttributes", {})
+    scope = metadata.pop("scope", {})
+    return {
+        "id": row["spanId"],
+        "parent_id": row.get("parentSpanId"),
+        "trace_id": row["traceId"],
+        "name": row.get("name"),
+        "type": row.get("type"),
+        "level": row.get("level"),
+        "status_message": row.get("statusMessage"),
+        "input": _json_value(row.get("input")),
+        "output": _json_value(row.get("output")),
+        "metadata": {key: _json_value(value) for key, value in metadata.items()},
+        "environment": row.get("environment"),
+        "user_id": row.get("userId"),
+        "session_id": row.get("sessionId"),
+        "tags": row.get("tags") or [],
+        "trace_name": row.get("traceName"),
+        "start_time": _from_iso(row.get("startTimeISO")),
+        "end_time": _from_iso(row.get("endTimeISO")),
+        "resource": resource,
+        "scope": scope.get("name", "") if isinstance(scope, dict) else scope,
+        "model": row.get("modelName"),
+        "model_parameters": row.get("modelParameters") or {},
+        "usage_details": row.get("providedUsageDetails") or {},
+        "cost_details": row.get("providedCostDetails") or {},
+    }
+
+
+def _capture_trace(trace: Trace) -> dict[str, Any]:
+    return {
+        "name": trace.name,
+        "user_id": trace.user_id,
+        "session_id": trace.session_id,
+        "tags": trace.tags,
+        "environment": trace.environment,
+        "metadata": trace.metadata,
+        "input": trace.input,
+        "output": trace.output,
+    }
+
+
+def _langfuse_traces(trace_events: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Trace fields from ``trace-create`` events in order: a field's last meaningful
+    value wins, metadata merges key by key (the oracle README's rule)."""
+    fields = {
+        "name": "name",
+        "userId": "user_id",
+        "sessionId": "session_id",
+        "tags": "tags",
+        "environment": "environment",
+        "input": "input",
+        "output": "output",
+    }
+    traces: dict[str, dict[str, Any]] = {}
+    for body in trace_events:
+        trace = traces.setdefault(
+            body["id"],
+            {
+                "name": None,
+                "user_id": None,
+                "session_id": None,
+                "tags": [],
+                "environment": None,
+                "metadata": {},
+                "input": None,
+                "output": None,
+            },
+        )
+        for key, name in fields.items():
+            value = body.get(key)
+            if value not in (None, "", [], {}):
+                trace[name] = _json_value(value) if name in ("input", "output") else value
+        for key, value in (body.get("metadata") or {}).items():
+            if key not in _LANGFUSE_METADATA_KEYS:
+                trace["metadata"][key] = _json_value(value)
+    return traces

@@ -1,0 +1,8 @@
+import pytest
+
+
+@pytest.fixture
+def langfuse_celery_app():
+    from myapp.celery import app
+
+    return app
