@@ -202,3 +202,16 @@ def celery_process(
         yield started
     finally:
         started.stop()
+
+
+def sigkill_the_child_running(doomed: Any, pid_key: str, worker: WorkerProcess) -> None:
+    """SIGKILL the pool child running ``doomed`` (a ``report_pid_and_sleep`` task that
+    wrote its pid under ``pid_key``), and check the worker reports it lost."""
+    redis = Redis.from_url(REDIS_URL)
+    deadline = time.monotonic() + 20
+    while (pid := redis.get(pid_key)) is None:
+        assert time.monotonic() < deadline, worker.log()
+        time.sleep(0.05)
+    os.kill(int(pid), signal.SIGKILL)
+    with pytest.raises(Exception, match="Worker exited prematurely"):
+        doomed.get(timeout=20)

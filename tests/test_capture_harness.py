@@ -585,3 +585,43 @@ def test_a_test_whose_capture_differs_from_langfuse_fails_with_the_diff(
     assert "'timed' (trace " in done.stdout
     assert "capture server: datetime.datetime(" in done.stdout
     assert "differences (" in done.stdout and "start_time: 1" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(
+    ("sent", "shown"),
+    [
+        (  # OpenAI chat completions: renamed, details taken out of the plain counts
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 6,
+                "total_tokens": 16,
+                "prompt_tokens_details": {"cached_tokens": 4, "audio_tokens": None},
+                "completion_tokens_details": {"reasoning_tokens": 2},
+            },
+            {"input": 6, "input_cached_tokens": 4, "output": 4, "output_reasoning_tokens": 2,
+             "total": 16},
+        ),
+        (  # OpenAI responses API
+            {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8},
+            {"input": 3, "output": 5, "total": 8},
+        ),
+        (  # any other shape: its non-negative whole numbers, numeric strings parsed
+            {"input": 3, "output": "5", "cache_read": -1, "note": "n/a", "ratio": 0.5},
+            {"input": 3, "output": 5},
+        ),
+    ],
+    ids=["openai-chat", "openai-responses", "other"],
+)
+def test_generation_usage_is_shown_as_langfuse_stores_it(
+    langfuse_capture_clean: CaptureServer, sent: dict[str, Any], shown: dict[str, int]
+) -> None:
+    """The oracle comparison after this test checks the same against Langfuse's own
+    conversion."""
+    with get_client().start_as_current_observation(
+        name="usage", as_type="generation", model="m"
+    ) as generation:
+        generation.update(usage_details=sent)
+    get_client().flush()
+    langfuse_capture_clean.wait_for_observations(1)
+    [observation] = langfuse_capture_clean.observations
+    assert observation.usage_details == shown

@@ -26,7 +26,13 @@ import pytest
 from redis import Redis
 
 from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
-from tests.conftest import REDIS_URL, WorkerProcess, beat_process, worker_process
+from tests.conftest import (
+    REDIS_URL,
+    WorkerProcess,
+    beat_process,
+    sigkill_the_child_running,
+    worker_process,
+)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -314,14 +320,7 @@ def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
             timeout=10,
         )
         doomed = tasks_app.report_pid_and_sleep.apply_async((pid_key, 60), queue=worker.queue)
-        redis = Redis.from_url(REDIS_URL)
-        deadline = time.monotonic() + 20
-        while (pid := redis.get(pid_key)) is None:
-            assert time.monotonic() < deadline, worker.log()
-            time.sleep(0.05)
-        os.kill(int(pid), signal.SIGKILL)
-        with pytest.raises(Exception, match="Worker exited prematurely"):
-            doomed.get(timeout=20)
+        sigkill_the_child_running(doomed, pid_key, worker)
         worker.stop()
     assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
 

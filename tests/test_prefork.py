@@ -3,8 +3,6 @@ warm shutdown, and an unreachable Langfuse."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import time
 import uuid
@@ -16,7 +14,7 @@ from langfuse import get_client, propagate_attributes
 from redis import Redis
 
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import REDIS_URL, worker_process
+from tests.conftest import REDIS_URL, sigkill_the_child_running, worker_process
 
 pytestmark = pytest.mark.timeout(120)
 ADD = "tests.support.tasks.add"
@@ -101,14 +99,7 @@ def test_a_child_killed_mid_task_closes_its_run_as_an_error_and_the_worker_keeps
     with worker_process(capture.env, "-P", "prefork", "-c", "1", tmp_path=tmp_path) as worker:
         with get_client().start_as_current_observation(name="request") as root:
             doomed = tasks_app.report_pid_and_sleep.apply_async((pid_key, 60), queue=worker.queue)
-        redis = Redis.from_url(REDIS_URL)
-        deadline = time.monotonic() + 20
-        while (pid := redis.get(pid_key)) is None:
-            assert time.monotonic() < deadline, worker.log()
-            time.sleep(0.05)
-        os.kill(int(pid), signal.SIGKILL)
-        with pytest.raises(Exception, match="Worker exited prematurely"):
-            doomed.get(timeout=20)
+        sigkill_the_child_running(doomed, pid_key, worker)
         # The pool replaces the child; the new one traces as before.
         after = tasks_app.add.apply_async((1, 2), queue=worker.queue)
         assert after.get(timeout=20) == 3

@@ -75,7 +75,10 @@ def test_identify_cannot_exceed_the_limits_either(capture: CaptureServer) -> Non
 
     request, trace = request_observation(capture, item)
     assert len(request.tags) == headers.MAX_TAGS
-    assert len(trace.metadata) <= headers.MAX_METADATA_KEYS
+    # identify's trace metadata, as the request carries it (the trace's metadata also
+    # holds the root observation's own keys, as Langfuse merges them)
+    assert len(request.trace_metadata) == headers.MAX_METADATA_KEYS
+    assert set(request.trace_metadata) <= set(trace.metadata)
 
 
 def test_malformed_claimed_ids_are_ignored_and_the_request_served(capture: CaptureServer) -> None:

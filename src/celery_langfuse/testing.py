@@ -66,6 +66,7 @@ import base64
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -730,7 +731,7 @@ def _observation(span: Span, scope: str, resource: dict[str, Any]) -> Observatio
         ),
         model=_first_string(attributes, "langfuse.observation.model.name"),
         model_parameters=_json_object(attributes.get("langfuse.observation.model.parameters")),
-        usage_details=_json_object(attributes.get("langfuse.observation.usage_details")),
+        usage_details=_usage_details(_json_object(attributes.get("langfuse.observation.usage_details"))),
         cost_details=_json_object(attributes.get("langfuse.observation.cost_details")),
         attributes=attributes,
         scope=scope,
@@ -786,6 +787,61 @@ def _json_object(value: Any) -> dict[str, Any]:
     """A JSON object attribute as a dict; anything else (absent, invalid) as ``{}``."""
     decoded = _json_value(value)
     return dict(decoded) if isinstance(decoded, dict) else {}
+
+
+#: The two OpenAI usage shapes Langfuse recognises (``UsageDetails`` in its ingestion
+#: types): (input key, output key, their details keys).
+_OPENAI_USAGE_SHAPES = (
+    ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"),
+    ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
+)
+_LEADING_INT = re.compile(r"\s*[+-]?\d+")
+
+
+def _usage_details(raw: dict[str, Any]) -> dict[str, int]:
+    """Usage as Langfuse stores it: an OpenAI chat or responses usage object renamed to
+    ``input`` / ``output`` / ``total`` (details as ``input_<key>`` / ``output_<key>``,
+    taken out of the plain counts); anything else keeps its non-negative whole numbers
+    (numeric strings parsed as JavaScript's ``parseInt`` would)."""
+    for input_key, output_key, input_details, output_details in _OPENAI_USAGE_SHAPES:
+        shape = {input_key, output_key, "total_tokens", input_details, output_details}
+        required = (input_key, output_key, "total_tokens")
+        if set(raw) <= shape and all(_is_count(raw.get(key)) for key in required):
+            details = (raw.get(input_details), raw.get(output_details))
+            if all(_is_count_record(d) for d in details):
+                usage = {
+                    "input": int(raw[input_key]),
+                    "output": int(raw[output_key]),
+                    "total": int(raw["total_tokens"]),
+                }
+                for side, side_details in zip(("input", "output"), details):
+                    for key, value in (side_details or {}).items():
+                        if value is not None:
+                            usage[f"{side}_{key}"] = int(value)
+                            usage[side] = max(usage[side] - int(value), 0)
+                return usage
+    usage = {}
+    for key, value in raw.items():
+        if _is_count(value):
+            usage[key] = int(value)
+        elif (
+            isinstance(value, str)
+            and (match := _LEADING_INT.match(value))
+            and int(match.group()) >= 0
+        ):
+            usage[key] = int(match.group())
+    return usage
+
+
+def _is_count(value: Any) -> bool:
+    """A JSON number that is a non-negative whole number (JavaScript has no int type)."""
+    return type(value) in (int, float) and value >= 0 and float(value).is_integer()
+
+
+def _is_count_record(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, dict) and all(v is None or _is_count(v) for v in value.values())
+    )
 
 
 def _metadata(attributes: Mapping[str, Any], prefix: str) -> dict[str, Any]:
