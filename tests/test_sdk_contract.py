@@ -1,37 +1,106 @@
-"""The few Langfuse SDK details celery-langfuse relies on. If the SDK changes one,
-this fails first, with a message that says which."""
+"""The Langfuse SDK details celery-langfuse relies on, for the installed SDK version
+(any of ``langfuse>=4.7,<6``; .ci/run runs this file on 4.7, 4.12, 4.18, 5.0 and 5.2).
+If an SDK release changes one, this fails first, with a message that says which."""
 
 from __future__ import annotations
 
+import inspect
 import time
+from typing import Any
 
+import langfuse
+import pytest
 from langfuse import get_client, propagate_attributes
 
-from celery_langfuse import client
+from celery_langfuse import _sdk, client, headers
 from celery_langfuse.headers import TraceAttributes
 from celery_langfuse.testing import CaptureServer
+
+SDK = _sdk.installed()
+
+
+def test_the_installed_sdk_is_the_one_the_facts_describe() -> None:
+    assert SDK.version == langfuse.__version__
+    assert SDK.supported, f"langfuse {SDK.version} is outside {_sdk.SUPPORTED_RANGE}"
+
+
+def test_every_attribute_the_sdk_propagates_crosses_the_broker() -> None:
+    """celery-langfuse carries each ``propagate_attributes`` keyword of the installed
+    SDK (not ``as_baggage``, which is how, not what); a new one fails here."""
+    taken = set(inspect.signature(propagate_attributes).parameters) - {"as_baggage"}
+    assert taken == set(SDK.propagated_arguments), (
+        f"propagate_attributes takes {sorted(taken)}; celery-langfuse carries "
+        f"{sorted(SDK.propagated_arguments)} (_sdk._PROPAGATED_SINCE)"
+    )
+
+
+def _every_propagated_argument() -> dict[str, Any]:
+    """A value for each argument the installed SDK's ``propagate_attributes`` takes."""
+    values: dict[str, Any] = {
+        "user_id": "u",
+        "session_id": "s",
+        "tags": ["t"],
+        "trace_name": "n",
+        "version": "v7",
+        "metadata": {"k": "v", "n": "12"},
+        "environment": "staging",
+        "prompt": {"name": "summarise", "version": 3},
+        "skills_available": [{"name": "search", "version": 2}, {"name": "sql"}],
+        "attach_skills": True,
+    }
+    return {name: value for name, value in values.items() if name in SDK.propagated_arguments}
 
 
 def test_propagated_attributes_are_readable_from_the_context(
     langfuse_capture: CaptureServer,
 ) -> None:
-    with get_client().start_as_current_observation(name="contract"), propagate_attributes(
-        user_id="u",
-        session_id="s",
-        tags=["t"],
-        trace_name="n",
-        environment="staging",
-        metadata={"k": "v"},
-    ):
-        read = client.current_trace_attributes()
-    assert read == TraceAttributes(
+    arguments = _every_propagated_argument()
+    with get_client().start_as_current_observation(name="contract"):
+        with propagate_attributes(**arguments):
+            read = client.current_trace_attributes()
+    # SDK 5 keeps metadata values JSON-encoded; SDK 4 as the strings they were set as.
+    metadata = {"k": '"v"', "n": '"12"'} if SDK.metadata_values_are_json else {"k": "v", "n": "12"}
+    expected = TraceAttributes(
         user_id="u",
         session_id="s",
         tags=("t",),
         trace_name="n",
-        environment="staging",
-        metadata={"k": '"v"'},
-    ), "langfuse.propagate_attributes no longer stores its values under 'langfuse.propagated.<key>'"
+        version="v7",
+        metadata=metadata,
+        environment=arguments.get("environment"),
+        prompt_name="summarise" if "prompt" in arguments else None,
+        prompt_version=3 if "prompt" in arguments else None,
+        skills_available=(
+            '[{"name":"search","version":2},{"name":"sql"}]'
+            if "skills_available" in arguments
+            else None
+        ),
+        attach_skills=True if "attach_skills" in arguments else None,
+    )
+    assert read == expected, (
+        "langfuse.propagate_attributes no longer stores its values under "
+        "'langfuse.propagated.<key>' as client.current_trace_attributes reads them"
+    )
+
+
+def test_reapplied_attributes_are_what_the_producer_propagated(
+    langfuse_capture: CaptureServer,
+) -> None:
+    """Read in the producer, written to message headers, read back and re-applied in
+    the worker: the SDK's span processor then copies the same attributes onto spans."""
+    from langfuse._client.propagation import _get_propagated_attributes_from_context
+    from opentelemetry import context as otel_context
+
+    with propagate_attributes(**_every_propagated_argument()):
+        producer = otel_context.get_current()
+        message: dict[str, Any] = {}
+        headers.inject(message, parent=None, attributes=client.current_trace_attributes())
+    with client.propagated(headers.extract(message).attributes):
+        worker = otel_context.get_current()
+        assert client.current_trace_attributes() == client.current_trace_attributes(producer)
+    sent = _get_propagated_attributes_from_context(producer)
+    assert _get_propagated_attributes_from_context(worker) == sent
+    assert len(sent) >= 7  # user, session, tags, trace name, version, 2 metadata keys
 
 
 def test_reapplied_metadata_is_not_encoded_twice(langfuse_capture: CaptureServer) -> None:
@@ -45,7 +114,8 @@ def test_reapplied_metadata_is_not_encoded_twice(langfuse_capture: CaptureServer
     client.flush(5)
     langfuse_capture.wait_for(lambda s: any(o.id == consumer.id for o in s.observations))
     observation = next(o for o in langfuse_capture.observations if o.id == consumer.id)
-    assert observation.attributes["langfuse.trace.metadata.tenant"] == '"acme"'
+    expected = '"acme"' if SDK.metadata_values_are_json else "acme"
+    assert observation.attributes["langfuse.trace.metadata.tenant"] == expected
 
 
 def test_a_root_in_a_chosen_trace_has_no_parent_and_can_be_backdated(
@@ -66,6 +136,7 @@ def test_a_root_in_a_chosen_trace_has_no_parent_and_can_be_backdated(
         "cannot drop the parent the Langfuse SDK invents for trace_context="
     )
     assert exported.duration >= 1.9, "the OTel SDK span no longer keeps `_start_time`"
+    assert exported.attributes.get("langfuse.internal.as_root") is True
     assert trace.find("child").parent_id == root.id
     assert trace.orphans() == []
 
@@ -77,3 +148,52 @@ def test_whether_a_client_exists_is_known_without_creating_one(
     assert client.sdk_client_exists(), (
         "LangfuseResourceManager._instances no longer lists the clients of the process"
     )
+
+
+def test_the_client_fields_celery_langfuse_reads_are_there(
+    langfuse_capture: CaptureServer,
+) -> None:
+    """client._static_attributes and start_observation read these private fields of
+    the client; spans.recorder_for reads the resource manager's."""
+    sdk_client = get_client()
+    for name in ("_environment", "_release", "_mask", "_otel_tracer", "_tracing_enabled"):
+        assert hasattr(sdk_client, name), f"Langfuse() no longer has {name}"
+    resources = sdk_client._resources
+    fields = [
+        "public_key",
+        "secret_key",
+        "base_url",
+        "timeout",
+        "flush_at",
+        "flush_interval",
+        "additional_headers",
+        "span_exporter",
+        "should_export_span",
+        "sample_rate",
+        "tracer_provider",
+    ]
+    if SDK.release >= (4, 12, 0):
+        fields += ["id_generator", "mask_otel_spans"]
+    if SDK.has_compression_setting:
+        fields.append("otel_compression")
+    if SDK.release >= (5, 2, 0):
+        fields.append("skills")
+    missing = [name for name in fields if not hasattr(resources, name)]
+    assert missing == [], f"LangfuseResourceManager no longer has {missing}"
+
+
+def test_the_sdk_marks_roots_with_the_attributes_celery_langfuse_writes() -> None:
+    from langfuse._client.attributes import LangfuseOtelSpanAttributes as Attributes
+
+    assert Attributes.AS_ROOT == client._AS_ROOT == "langfuse.internal.as_root"
+    assert Attributes.IS_APP_ROOT == "langfuse.internal.is_app_root"
+    assert Attributes.OBSERVATION_METADATA == client._METADATA
+    assert Attributes.ENVIRONMENT == client._ENVIRONMENT
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [("4.6.1", False), ("4.7.0", True), ("4.18.0", True), ("5.2.0", True), ("6.0.0", False)],
+)
+def test_the_supported_range_is_langfuse_4_7_up_to_6(version: str, supported: bool) -> None:
+    assert _sdk.InstalledSdk(version, _sdk.parse_release(version)).supported is supported
