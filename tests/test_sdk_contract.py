@@ -197,3 +197,49 @@ def test_the_sdk_marks_roots_with_the_attributes_celery_langfuse_writes() -> Non
 )
 def test_the_supported_range_is_langfuse_4_7_up_to_6(version: str, supported: bool) -> None:
     assert _sdk.InstalledSdk(version, _sdk.parse_release(version)).supported is supported
+
+
+def test_an_unsupported_sdk_is_refused_at_install_and_tasks_run_untraced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the installed SDK is supported, an unsupported one is faked (its version
+    number only: install() decides from it alone); .ci/run also runs this test in a
+    venv with a real langfuse 4.6.1."""
+    from celery import Celery, signals
+
+    from celery_langfuse import install
+    from celery_langfuse.config import ConfigurationError
+    from celery_langfuse.install import installation_for
+
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-unsupported")
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-unsupported")
+    found = _sdk.installed()
+    if found.supported:
+        found = _sdk.InstalledSdk("4.6.1", (4, 6, 1))
+        monkeypatch.setattr(_sdk, "installed", lambda: found)
+    app = Celery("unsupported-sdk", broker="memory://")
+    app.conf.task_always_eager = True
+
+    @app.task(name="unsupported.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    receivers = len(signals.task_prerun.receivers)
+    with pytest.raises(ConfigurationError) as refused:
+        install(app)
+    assert f"found langfuse {found.version}" in str(refused.value)
+    assert "langfuse>=4.7,<6" in str(refused.value)
+    assert installation_for(app) is None
+    assert len(signals.task_prerun.receivers) == receivers  # nothing connected
+    assert add.delay(2, 3).get(timeout=10) == 5
+
+
+def test_doctor_names_the_sdk_version_and_the_server_it_needs(
+    langfuse_capture: CaptureServer,
+) -> None:
+    from tests.test_cli import doctor
+
+    output = doctor(langfuse_capture.env).stdout
+    assert f"langfuse {SDK.version}: supported (langfuse>=4.7,<6)" in output
+    assert f"needs server: {SDK.minimum_server}" in output
+    assert ("v4.59.0" in output) == (SDK.major == 5)

@@ -18,6 +18,8 @@ docs/design.md, "Langfuse SDK versions"):
   to 4.18 convert the others with ``str()``);
 - what ``propagate_attributes`` carries: ``environment`` since 4.12, ``prompt``
   since 4.18, ``skills_available`` and ``attach_skills`` since 5.2;
+- media: uploaded by the exporter from span attributes since 4.12, by the span
+  wrapper where a field is set before;
 - the resource manager's fields: ``id_generator`` and ``mask_otel_spans`` since
   4.12, ``otel_compression`` since 4.18, ``skills`` since 5.2, and
   ``blocked_instrumentation_scopes`` only before 5.
@@ -93,6 +95,12 @@ class InstalledSdk:
         return self.release >= (4, 18, 0)
 
     @property
+    def media_scanned_at_export(self) -> bool:
+        """Whether the SDK's exporter finds and uploads media in span attributes (4.12+);
+        before, its span wrapper did it where input, output or metadata was set."""
+        return self.release >= (4, 12, 0)
+
+    @property
     def metadata_values_are_json(self) -> bool:
         """Whether metadata values are JSON-encoded, strings included (SDK 5)."""
         return self.major >= 5
@@ -161,6 +169,6 @@ def require_supported() -> InstalledSdk:
         raise ConfigurationError(
             f"celery-langfuse supports the Langfuse Python SDK langfuse{SUPPORTED_RANGE}; "
             f"found {found}. Install a supported version, e.g. "
-            "pip install 'langfuse>=4.7,<6'; tracing is off until then"
+            "pip install 'langfuse>=4.7,<6' (install() connected nothing)"
         )
     return sdk
