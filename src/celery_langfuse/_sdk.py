@@ -26,7 +26,9 @@ docs/design.md, "Langfuse SDK versions"):
 
 The version is read once, from the package metadata (the SDK itself is not imported:
 a worker whose tasks never use it does not pay for it), and everything else here is
-derived from it. :func:`require_supported` is what ``install()`` calls.
+derived from it. :func:`require_supported` is what ``install()`` calls. The one
+version-dependent private detail that is not a plain fact, the media upload of SDKs
+before 4.12, is :func:`upload_media_in_attributes`.
 """
 
 from __future__ import annotations
@@ -133,6 +135,45 @@ def _sdk4_metadata_value(value: Any) -> Optional[str]:
     if value is None or isinstance(value, (str, int)):
         return value  # type: ignore[return-value]  # an int is an attribute value too
     return json.dumps(value, default=str)
+
+
+_MEDIA_FIELDS = {
+    "langfuse.observation.input": "input",
+    "langfuse.observation.output": "output",
+    "langfuse.observation.metadata": "metadata",
+}
+
+
+def upload_media_in_attributes(
+    attributes: dict[str, Any], trace_id: int, span_id: int, media_manager: Any
+) -> None:
+    """For SDK 4.7 to 4.11, whose exporter does not upload media: do what its span
+    wrapper does where input, output or metadata is set, with its private media
+    manager, to the JSON of each such attribute carrying a base64 data URI (replaced
+    by the media reference the upload returns)."""
+    from langfuse._utils.serializer import EventSerializer
+
+    for key, value in list(attributes.items()):
+        if not (isinstance(value, str) and ";base64," in value):
+            continue
+        field = _MEDIA_FIELDS.get(key) or (
+            "metadata" if key.startswith("langfuse.observation.metadata.") else None
+        )
+        if field is None:
+            continue
+        try:
+            data = json.loads(value)
+        except ValueError:
+            data = value
+        processed = media_manager._find_and_process_media(
+            data=data,
+            field=field,
+            trace_id=format(trace_id, "032x"),
+            observation_id=format(span_id, "016x"),
+        )
+        attributes[key] = (
+            processed if isinstance(processed, str) else json.dumps(processed, cls=EventSerializer)
+        )
 
 
 _RELEASE = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")

@@ -299,7 +299,9 @@ class Recorder:
             log.debug("celery-langfuse: no Langfuse span processor for a span with media")
             return
         if not _sdk.installed().media_scanned_at_export:
-            _upload_media_as_sdk_4_7(span, resources)
+            _sdk.upload_media_in_attributes(
+                span.attributes, span.trace_id, span.span_id, resources._media_manager
+            )
 
         code, message = span._status
         status_code = {otlp.STATUS_OK: StatusCode.OK, otlp.STATUS_ERROR: StatusCode.ERROR}.get(
@@ -321,45 +323,6 @@ class Recorder:
             end_time=end_time,
         )
         processor.on_end(readable)
-
-
-_MEDIA_FIELDS = {
-    "langfuse.observation.input": "input",
-    "langfuse.observation.output": "output",
-    "langfuse.observation.metadata": "metadata",
-}
-
-
-def _upload_media_as_sdk_4_7(span: LeanSpan, resources: Any) -> None:
-    """Before SDK 4.12 media is uploaded where an observation's input, output or
-    metadata is set (its span wrapper), not when the span is exported: do what that
-    wrapper does, with the same private media manager, to the JSON of each field."""
-    import json
-
-    from langfuse._utils.serializer import EventSerializer
-
-    trace_id, observation_id = format(span.trace_id, "032x"), format(span.span_id, "016x")
-    for key, value in list(span.attributes.items()):
-        if not (isinstance(value, str) and _MEDIA_MARK in value):
-            continue
-        field = _MEDIA_FIELDS.get(key) or (
-            "metadata" if key.startswith("langfuse.observation.metadata.") else None
-        )
-        if field is None:
-            continue
-        try:
-            data = json.loads(value)
-        except ValueError:
-            data = value
-        processed = resources._media_manager._find_and_process_media(
-            data=data,
-            field=field,
-            trace_id=trace_id,
-            observation_id=observation_id,
-        )
-        span.attributes[key] = (
-            processed if isinstance(processed, str) else json.dumps(processed, cls=EventSerializer)
-        )
 
 
 def _may_carry_media(attributes: Mapping[str, Any]) -> bool:
