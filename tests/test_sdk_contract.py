@@ -243,3 +243,43 @@ def test_doctor_names_the_sdk_version_and_the_server_it_needs(
     assert f"langfuse {SDK.version}: supported (langfuse>=4.7,<6)" in output
     assert f"needs server: {SDK.minimum_server}" in output
     assert ("v4.59.0" in output) == (SDK.major == 5)
+
+
+def test_create_score_takes_environment_where_the_facts_say() -> None:
+    from langfuse import Langfuse
+
+    takes = "environment" in inspect.signature(Langfuse.create_score).parameters
+    assert takes == SDK.score_takes_environment
+
+
+def test_sdk_4_score_consumers_can_be_woken_to_send_now(
+    langfuse_capture: CaptureServer,
+) -> None:
+    """SDK 5's flush wakes its score consumers; SDK 4's only waits for them, up to its
+    flush interval. _sdk.wake_score_consumers hands each SDK 4 consumer the sentinel it
+    takes as "send now", and the consumer goes on running."""
+    sdk_client = get_client()
+    resources = sdk_client._resources
+    if SDK.major >= 5:
+        assert all(hasattr(c, "wake") for c in resources._score_consumers)
+        return
+    consumers = resources._ingestion_consumers
+    assert consumers and all(c.is_alive() for c in consumers)
+    # As a worker with LANGFUSE_FLUSH_INTERVAL=30 would: the next batch waits 30 s.
+    intervals = [c._flush_interval for c in consumers]
+    for consumer in consumers:
+        consumer._flush_interval = 30
+    try:
+        time.sleep(0.3)  # the batches started with the short interval have gone
+        sdk_client.create_score(name="woken", value=1.0, trace_id="7a" * 16)
+        _sdk.wake_score_consumers(sdk_client)
+        queue = resources._score_ingestion_queue
+        deadline = time.monotonic() + 2
+        while queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queue.unfinished_tasks == 0, "the score waited for the flush interval"
+        assert all(c.is_alive() for c in consumers)
+    finally:
+        for consumer, interval in zip(consumers, intervals):
+            consumer._flush_interval = interval
+        _sdk.wake_score_consumers(sdk_client)

@@ -17,7 +17,8 @@ docs/design.md, "Langfuse SDK versions"):
   JSON-encodes the rest (4.7 keeps only strings in ``propagate_attributes``, 4.12
   to 4.18 convert the others with ``str()``);
 - what ``propagate_attributes`` carries: ``environment`` since 4.12, ``prompt``
-  since 4.18, ``skills_available`` and ``attach_skills`` since 5.2;
+  since 4.18, ``skills_available`` and ``attach_skills`` since 5.2; ``create_score``
+  takes ``environment`` since 4.12;
 - media: uploaded by the exporter from span attributes since 4.12, by the span
   wrapper where a field is set before;
 - the resource manager's fields: ``id_generator`` and ``mask_otel_spans`` since
@@ -97,6 +98,11 @@ class InstalledSdk:
         return self.release >= (4, 18, 0)
 
     @property
+    def score_takes_environment(self) -> bool:
+        """Whether ``create_score`` takes ``environment=`` (4.12+)."""
+        return self.release >= (4, 12, 0)
+
+    @property
     def media_scanned_at_export(self) -> bool:
         """Whether the SDK's exporter finds and uploads media in span attributes (4.12+);
         before, its span wrapper did it where input, output or metadata was set."""
@@ -174,6 +180,25 @@ def upload_media_in_attributes(
         attributes[key] = (
             processed if isinstance(processed, str) else json.dumps(processed, cls=EventSerializer)
         )
+
+
+def wake_score_consumers(sdk_client: Any) -> None:
+    """Make SDK 4's score consumers send what they hold now, as SDK 5's ``flush()``
+    does itself (it wakes them). SDK 4's ``flush()`` only waits for its queue, which a
+    consumer drains once per ``flush_interval``: a process exiting within a shorter
+    deadline would lose its last scores. A consumer takes its shutdown sentinel as
+    "send this batch now" and, still running, goes on: one sentinel per consumer.
+    For the flush path: call before ``client.flush()`` / ``client.shutdown()``."""
+    if installed().major >= 5:
+        return
+    import importlib
+
+    # A module SDK 5 no longer has: imported by name, for the type checker's sake.
+    consumers = importlib.import_module("langfuse._task_manager.score_ingestion_consumer")
+    resources = sdk_client._resources
+    for consumer in getattr(resources, "_ingestion_consumers", ()):
+        if consumer.is_alive():
+            resources._score_ingestion_queue.put(consumers._SHUTDOWN_SENTINEL, block=False)
 
 
 _RELEASE = re.compile(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?")

@@ -762,6 +762,8 @@ def score_cron_run(
 ) -> None:
     """Record the cron health scores of one run on its trace; None means "not known"."""
     langfuse_client = get_langfuse()
+    # `environment=` arrived in SDK 4.12; before, a score takes the client's.
+    where: dict[str, Any] = {"environment": environment} if _SDK.score_takes_environment else {}
     # Lateness first: scores leave in order, so whoever sees cron_success has both.
     if lateness_seconds is not None:
         langfuse_client.create_score(
@@ -770,7 +772,7 @@ def score_cron_run(
             trace_id=trace_id,
             data_type="NUMERIC",
             metadata=metadata,
-            environment=environment,
+            **where,
         )
     if success is not None:
         langfuse_client.create_score(
@@ -780,5 +782,5 @@ def score_cron_run(
             data_type="NUMERIC",
             comment=comment,
             metadata=metadata,
-            environment=environment,
+            **where,
         )
