@@ -452,13 +452,12 @@ class _Reader:
         """``prompt_name`` and ``prompt_version``, both or neither."""
         name = self.short_string(PROMPT_NAME)
         raw = self._headers.get(PROMPT_VERSION)
-        if name is None:
-            if raw is not None:
-                self._drop(PROMPT_VERSION, raw)
-            return {}
-        if isinstance(raw, str) and raw.isdigit() and len(raw) <= 10:
+        if name is not None and isinstance(raw, str) and raw.isdigit() and len(raw) <= 10:
             return {"prompt_name": name, "prompt_version": int(raw)}
-        self._drop(PROMPT_VERSION, raw)
+        if raw is not None:  # bad, or without a usable name
+            self._drop(PROMPT_VERSION, raw)
+        elif name is not None:  # a name without a version
+            self._drop(PROMPT_NAME, name)
         return {}
 
     def skills_available(self) -> Optional[str]:
