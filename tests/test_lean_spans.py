@@ -485,3 +485,62 @@ def _attributes(span: Any) -> dict[str, Any]:
         return getattr(any_value, kind) if kind else None
 
     return {kv.key: value(kv.value) for kv in span.attributes}
+
+
+_CUSTOM_FILTER_AND_EXPORTER = """
+import sys
+import langfuse
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from celery_langfuse import client
+
+kind = sys.argv[1]
+if kind == "filter":
+    langfuse.Langfuse(should_export_span=lambda span: span.name != "hidden")
+else:
+    exporter = InMemorySpanExporter()
+    langfuse.Langfuse(span_exporter=exporter)
+observations = [client.start_observation(name) for name in ("hidden", "shown")]
+for observation in observations:
+    observation.end()
+print(*sorted({type(o.span).__name__ for o in observations}))
+assert client.flush(10)
+if kind == "exporter":
+    print(*sorted(span.name for span in exporter.get_finished_spans()))
+"""
+
+
+@pytest.mark.parametrize("kind", ["filter", "exporter"])
+def test_a_custom_span_filter_or_exporter_keeps_the_sdk_span_path(
+    capture: CaptureServer, kind: str
+) -> None:
+    """With the user's own span filter or exporter on the client (any supported SDK
+    version), this library's observations are the SDK's spans and go through them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", _CUSTOM_FILTER_AND_EXPORTER, kind],
+        env={
+            **os.environ,
+            **capture.env,
+            "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "_Span"  # the OTel SDK's span class, not LeanSpan
+    if kind == "exporter":
+        assert lines[1] == "hidden shown"
+        time.sleep(0.5)
+        assert capture.observations == []  # the user's exporter took them instead
+    else:
+        capture.wait_for(lambda s: any(o.name == "shown" for o in s.observations))
+        time.sleep(0.3)
+        assert [o.name for o in capture.observations] == ["shown"]
