@@ -23,13 +23,17 @@ docs/design.md, "Langfuse SDK versions"):
   wrapper where a field is set before;
 - the resource manager's fields: ``id_generator`` and ``mask_otel_spans`` since
   4.12, ``otel_compression`` since 4.18, ``skills`` since 5.2, and
-  ``blocked_instrumentation_scopes`` only before 5.
+  ``blocked_instrumentation_scopes`` only before 5;
+- scores: SDK 5's ``flush()`` wakes its score consumers; SDK 4's waits for them, up
+  to ``flush_interval``.
 
 The version is read once, from the package metadata (the SDK itself is not imported:
 a worker whose tasks never use it does not pay for it), and everything else here is
-derived from it. :func:`require_supported` is what ``install()`` calls. The one
-version-dependent private detail that is not a plain fact, the media upload of SDKs
-before 4.12, is :func:`upload_media_in_attributes`.
+derived from it. :func:`require_supported` is what ``install()`` calls. The
+version-dependent private details that are more than a fact live here too: the media
+upload of SDKs before 4.12 (:func:`upload_media_in_attributes`) and waking SDK 4's
+score consumers on a flush (:func:`wake_score_consumers`); tests/test_sdk_contract.py
+pins them.
 """
 
 from __future__ import annotations
