@@ -209,6 +209,27 @@ def test_names_copied_from_the_sdk_still_match_it() -> None:
     assert spans._LANGFUSE_TRACER_NAME == constants.LANGFUSE_TRACER_NAME
 
 
+def run_script(script: str, env: dict[str, str], *args: str) -> str:
+    """Run ``script`` in a fresh interpreter with this checkout's src on the path and
+    ``env`` as its environment; its stdout, once it exited 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={**env, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 _STANDALONE_THEN_SDK = """
 import sys
 from celery import Celery
@@ -233,28 +254,14 @@ def test_without_a_client_lean_spans_go_where_and_as_the_sdk_would_send_them(
     """A process with no Langfuse client sends lean spans configured from LANGFUSE_*
     (no SDK import); Langfuse sees them as it sees the SDK's own spans."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
         **capture.env,
         "LANGFUSE_TRACING_ENVIRONMENT": "staging",
         "LANGFUSE_RELEASE": "r-7",
-        "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    done = subprocess.run(
-        [sys.executable, "-c", _STANDALONE_THEN_SDK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["LeanSpan", "False"]
+    assert run_script(_STANDALONE_THEN_SDK, env).split() == ["LeanSpan", "False"]
     capture.wait_for(lambda s: {"lean", "sdk"} <= {o.name for o in s.observations})
     lean, sdk = (next(o for o in capture.observations if o.name == n) for n in ("lean", "sdk"))
     assert lean.scope == sdk.scope == "langfuse-sdk"
@@ -376,11 +383,8 @@ def test_a_lean_observation_is_sent_as_the_installed_sdk_sends_its_own() -> None
     per key, which the hot path budget counts), input and output the same JSON."""
     import json
     import os
-    import subprocess
-    import sys
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    from pathlib import Path
 
     from celery_langfuse import _sdk
     from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY
@@ -402,7 +406,6 @@ def test_a_lean_observation_is_sent_as_the_installed_sdk_sends_its_own() -> None
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    root = Path(__file__).resolve().parent.parent
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "OTEL_"))},
         "LANGFUSE_PUBLIC_KEY": PUBLIC_KEY,
@@ -411,21 +414,12 @@ def test_a_lean_observation_is_sent_as_the_installed_sdk_sends_its_own() -> None
         "LANGFUSE_TRACING_ENVIRONMENT": "staging",
         "LANGFUSE_RELEASE": "r-9",
         "LANGFUSE_MEDIA_UPLOAD_ENABLED": "false",
-        "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", _SAME_OBSERVATION_BOTH_WAYS],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        printed = run_script(_SAME_OBSERVATION_BOTH_WAYS, env)
     finally:
         server.shutdown()
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["LeanSpan"]
+    assert printed.split() == ["LeanSpan"]
 
     traces = [(h, b) for h, b in received if h.get("content-type") == "application/x-protobuf"]
     # Both are named "obs": the lean one was sent (flushed) first.
@@ -516,25 +510,9 @@ def test_a_custom_span_filter_or_exporter_keeps_the_sdk_span_path(
     """With the user's own span filter or exporter on the client (any supported SDK
     version), this library's observations are the SDK's spans and go through them."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", _CUSTOM_FILTER_AND_EXPORTER, kind],
-        env={
-            **os.environ,
-            **capture.env,
-            "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    printed = run_script(_CUSTOM_FILTER_AND_EXPORTER, {**os.environ, **capture.env}, kind)
+    lines = printed.splitlines()
     assert lines[0] == "_Span"  # the OTel SDK's span class, not LeanSpan
     if kind == "exporter":
         assert lines[1] == "hidden shown"
