@@ -272,7 +272,7 @@ def test_sdk_4_score_consumers_can_be_woken_to_send_now(
     try:
         time.sleep(0.3)  # the batches started with the short interval have gone
         sdk_client.create_score(name="woken", value=1.0, trace_id="7a" * 16)
-        _sdk.wake_score_consumers(sdk_client)
+        _sdk.wake_score_consumers(resources)
         queue = resources._score_ingestion_queue
         deadline = time.monotonic() + 2
         while queue.unfinished_tasks and time.monotonic() < deadline:
@@ -282,4 +282,4 @@ def test_sdk_4_score_consumers_can_be_woken_to_send_now(
     finally:
         for consumer, interval in zip(consumers, intervals):
             consumer._flush_interval = interval
-        _sdk.wake_score_consumers(sdk_client)
+        _sdk.wake_score_consumers(resources)

@@ -186,20 +186,20 @@ def upload_media_in_attributes(
         )
 
 
-def wake_score_consumers(sdk_client: Any) -> None:
-    """Make SDK 4's score consumers send what they hold now, as SDK 5's ``flush()``
-    does itself (it wakes them). SDK 4's ``flush()`` only waits for its queue, which a
-    consumer drains once per ``flush_interval``: a process exiting within a shorter
-    deadline would lose its last scores. A consumer takes its shutdown sentinel as
-    "send this batch now" and, still running, goes on: one sentinel per consumer.
-    For the flush path: call before ``client.flush()`` / ``client.shutdown()``."""
+def wake_score_consumers(resources: Any) -> None:
+    """Make SDK 4's score consumers of one client (its resource manager,
+    ``client._resources``) send what they hold now, as SDK 5's ``flush()`` does itself
+    (it wakes them). SDK 4's ``flush()`` only waits for its queue, which a consumer
+    drains once per ``flush_interval``: a process exiting within a shorter deadline
+    would lose its last scores. A consumer takes its shutdown sentinel as "send this
+    batch now" and, still running, goes on: one sentinel per consumer. For the flush
+    path: call before the manager's (or client's) ``flush()`` / ``shutdown()``."""
     if installed().major >= 5:
         return
     import importlib
 
     # A module SDK 5 no longer has: imported by name, for the type checker's sake.
     consumers = importlib.import_module("langfuse._task_manager.score_ingestion_consumer")
-    resources = sdk_client._resources
     for consumer in getattr(resources, "_ingestion_consumers", ()):
         if consumer.is_alive():
             resources._score_ingestion_queue.put(consumers._SHUTDOWN_SENTINEL, block=False)
