@@ -368,10 +368,29 @@ def test_unknown_endpoints_answer_404_and_are_reported(
 ) -> None:
     server = langfuse_capture_clean
 
-    response = httpx.post(server.base_url + "/api/public/ingestion", json={"batch": []})
+    response = httpx.post(server.base_url + "/api/public/datasets", json={"name": "d"})
 
     assert response.status_code == 404
-    assert server.unhandled == ["POST /api/public/ingestion: no such endpoint"]
+    assert server.unhandled == ["POST /api/public/datasets: no such endpoint"]
+
+
+def test_sdk_4_scores_sent_as_ingestion_events_are_captured(
+    langfuse_capture_clean: CaptureServer,
+) -> None:
+    server = langfuse_capture_clean
+    event = {
+        "id": "e-1",
+        "type": "score-create",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "body": {"id": "s-1", "traceId": "ab" * 16, "name": "cron_success", "value": 1},
+    }
+
+    response = httpx.post(server.base_url + "/api/public/ingestion", json={"batch": [event]})
+
+    assert response.status_code == 207
+    assert response.json()["successes"] == [{"id": "e-1", "status": 201}]
+    captured = [(s.name, s.value, s.trace_id) for s in server.scores]
+    assert captured == [("cron_success", 1, "ab" * 16)]
 
 
 def test_wait_for_timeout_shows_what_was_captured(langfuse_capture_clean: CaptureServer) -> None:

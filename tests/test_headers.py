@@ -22,6 +22,11 @@ def test_round_trip_carries_parent_and_every_trace_attribute() -> None:
         trace_name="checkout",
         environment="staging",
         metadata={"tenant": '"acme"'},
+        version="v7",
+        prompt_name="summarise",
+        prompt_version=3,
+        skills_available='[{"name":"search","version":2}]',
+        attach_skills=False,
     )
     headers.inject(out, parent=TraceParent(TRACE_ID, SPAN_ID), attributes=attributes)
 
@@ -30,6 +35,26 @@ def test_round_trip_carries_parent_and_every_trace_attribute() -> None:
     assert back.parent == TraceParent(TRACE_ID, SPAN_ID, sampled=True, from_langfuse=True)
     assert back.attributes == attributes
     assert back.published_at is not None
+
+
+@pytest.mark.parametrize(
+    ("bad", "dropped"),
+    [
+        ({headers.PROMPT_NAME: "p", headers.PROMPT_VERSION: "three"}, headers.PROMPT_VERSION),
+        ({headers.PROMPT_NAME: "p"}, headers.PROMPT_NAME),
+        ({headers.PROMPT_VERSION: "3"}, headers.PROMPT_VERSION),
+        ({headers.SKILLS_AVAILABLE: '[{"version": 1}]'}, headers.SKILLS_AVAILABLE),
+        ({headers.SKILLS_AVAILABLE: "[[["}, headers.SKILLS_AVAILABLE),
+        ({headers.ATTACH_SKILLS: "yes"}, headers.ATTACH_SKILLS),
+        ({headers.VERSION: "v" * 201}, headers.VERSION),
+    ],
+)
+def test_bad_propagated_prompt_skills_and_version_headers_are_dropped(
+    bad: dict[str, str], dropped: str
+) -> None:
+    extracted = headers.extract({headers.USER_ID: "u", **bad})
+    assert extracted.attributes == TraceAttributes(user_id="u")
+    assert dropped in extracted.malformed
 
 
 def test_headers_set_by_others_are_kept() -> None:

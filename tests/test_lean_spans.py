@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from langfuse import get_client, propagate_attributes
@@ -208,6 +209,27 @@ def test_names_copied_from_the_sdk_still_match_it() -> None:
     assert spans._LANGFUSE_TRACER_NAME == constants.LANGFUSE_TRACER_NAME
 
 
+def run_script(script: str, env: dict[str, str], *args: str) -> str:
+    """Run ``script`` in a fresh interpreter with this checkout's src on the path and
+    ``env`` as its environment; its stdout, once it exited 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={**env, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 _STANDALONE_THEN_SDK = """
 import sys
 from celery import Celery
@@ -232,28 +254,14 @@ def test_without_a_client_lean_spans_go_where_and_as_the_sdk_would_send_them(
     """A process with no Langfuse client sends lean spans configured from LANGFUSE_*
     (no SDK import); Langfuse sees them as it sees the SDK's own spans."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
         **capture.env,
         "LANGFUSE_TRACING_ENVIRONMENT": "staging",
         "LANGFUSE_RELEASE": "r-7",
-        "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
     }
-    done = subprocess.run(
-        [sys.executable, "-c", _STANDALONE_THEN_SDK],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["LeanSpan", "False"]
+    assert run_script(_STANDALONE_THEN_SDK, env).split() == ["LeanSpan", "False"]
     capture.wait_for(lambda s: {"lean", "sdk"} <= {o.name for o in s.observations})
     lean, sdk = (next(o for o in capture.observations if o.name == n) for n in ("lean", "sdk"))
     assert lean.scope == sdk.scope == "langfuse-sdk"
@@ -345,3 +353,172 @@ def test_recurring_short_attributes_encode_the_same_from_the_cache() -> None:
     for value in (True, 1, "True", True, 1, "x" * 41, "x" * 40, False, 0, "True"):
         assert decoded(value) == value
         assert type(decoded(value)) is type(value)
+
+
+_SAME_OBSERVATION_BOTH_WAYS = """
+import json, langfuse
+from celery_langfuse import client
+
+META = {"task_id": "t-1", "count": 3, "ratio": 0.5, "ok": True, "text": "é", "nested": {"a": [1]}}
+lean = client.start_observation("obs", input={"args": [1, "é"]}, metadata=META)
+lean.update(output={"answer": 42}, metadata=META, level="WARNING", status_message="slow")
+lean.end()
+assert client.flush(10)
+sdk = langfuse.get_client()
+print(type(client.start_observation("probe").span).__name__)
+with_sdk = sdk.start_observation(name="obs", input={"args": [1, "é"]}, metadata=META)
+with_sdk.update(output={"answer": 42}, metadata=META, level="WARNING", status_message="slow")
+with_sdk.end()
+sdk.flush()
+"""
+
+
+def test_a_lean_observation_is_sent_as_the_installed_sdk_sends_its_own() -> None:
+    """The same observation, recorded by this library's lean path and by the installed
+    SDK (its own exporter): the same request headers and compression (SDK 5 gzips and
+    sends ``x-langfuse-ingestion-version: 4``, SDK 4 neither), and attributes that
+    Langfuse reads the same way: the per-key metadata of an update encoded exactly as
+    the SDK's encoder writes it, the metadata given at the start as one JSON object
+    with the values the SDK's per-key attributes carry (one attribute instead of one
+    per key, which the hot path budget counts), input and output the same JSON."""
+    import json
+    import os
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from celery_langfuse import _sdk
+    from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY
+
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "OTEL_"))},
+        "LANGFUSE_PUBLIC_KEY": PUBLIC_KEY,
+        "LANGFUSE_SECRET_KEY": SECRET_KEY,
+        "LANGFUSE_BASE_URL": f"http://127.0.0.1:{server.server_port}",
+        "LANGFUSE_TRACING_ENVIRONMENT": "staging",
+        "LANGFUSE_RELEASE": "r-9",
+        "LANGFUSE_MEDIA_UPLOAD_ENABLED": "false",
+    }
+    try:
+        printed = run_script(_SAME_OBSERVATION_BOTH_WAYS, env)
+    finally:
+        server.shutdown()
+    assert printed.split() == ["LeanSpan"]
+
+    traces = [(h, b) for h, b in received if h.get("content-type") == "application/x-protobuf"]
+    # Both are named "obs": the lean one was sent (flushed) first.
+    lean_headers, lean = _span_named(traces, "obs", 0)
+    sdk_headers, sdk = _span_named(traces, "obs", 1)
+
+    sdk_facts = _sdk.installed()
+    for name in (
+        "x-langfuse-ingestion-version",
+        "content-encoding",
+        "x-langfuse-sdk-version",
+        "x-langfuse-sdk-name",
+        "x-langfuse-public-key",
+        "authorization",
+    ):
+        assert lean_headers.get(name) == sdk_headers.get(name), name
+    assert sdk_headers.get("x-langfuse-ingestion-version") == sdk_facts.ingestion_version
+    assert (sdk_headers.get("content-encoding") == "gzip") == sdk_facts.gzip_by_default
+
+    ours, theirs = _attributes(lean), _attributes(sdk)
+    metadata_prefix = "langfuse.observation.metadata"
+    start_metadata = json.loads(ours.pop(metadata_prefix))
+    per_key = {k: v for k, v in theirs.items() if k.startswith(metadata_prefix + ".")}
+    lean_per_key = {k: v for k, v in ours.items() if k.startswith(metadata_prefix + ".")}
+    assert lean_per_key == per_key  # the update's keys, exactly as the SDK encodes them
+    encode = sdk_facts.metadata_encoder()
+    assert {f"{metadata_prefix}.{k}": encode(v) for k, v in start_metadata.items()} == per_key
+    for key in ("langfuse.observation.input", "langfuse.observation.output"):
+        assert json.loads(ours.pop(key)) == json.loads(theirs.pop(key)), key
+    for attributes in (ours, theirs):
+        for key in list(attributes):
+            if key.startswith(metadata_prefix + "."):
+                del attributes[key]
+    assert ours == theirs
+
+
+def _span_named(traces: list[tuple[dict[str, str], bytes]], name: str, index: int) -> Any:
+    import gzip
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    found = []
+    for request_headers, body in traces:
+        if request_headers.get("content-encoding") == "gzip":
+            body = gzip.decompress(body)
+        for resource in ExportTraceServiceRequest.FromString(body).resource_spans:
+            for scope in resource.scope_spans:
+                found += [(request_headers, s) for s in scope.spans if s.name == name]
+    return found[index]
+
+
+def _attributes(span: Any) -> dict[str, Any]:
+    def value(any_value: Any) -> Any:
+        kind = any_value.WhichOneof("value")
+        return getattr(any_value, kind) if kind else None
+
+    return {kv.key: value(kv.value) for kv in span.attributes}
+
+
+_CUSTOM_FILTER_AND_EXPORTER = """
+import sys
+import langfuse
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from celery_langfuse import client
+
+kind = sys.argv[1]
+if kind == "filter":
+    langfuse.Langfuse(should_export_span=lambda span: span.name != "hidden")
+else:
+    exporter = InMemorySpanExporter()
+    langfuse.Langfuse(span_exporter=exporter)
+observations = [client.start_observation(name) for name in ("hidden", "shown")]
+for observation in observations:
+    observation.end()
+print(*sorted({type(o.span).__name__ for o in observations}))
+assert client.flush(10)
+if kind == "exporter":
+    print(*sorted(span.name for span in exporter.get_finished_spans()))
+"""
+
+
+@pytest.mark.parametrize("kind", ["filter", "exporter"])
+def test_a_custom_span_filter_or_exporter_keeps_the_sdk_span_path(
+    capture: CaptureServer, kind: str
+) -> None:
+    """With the user's own span filter or exporter on the client (any supported SDK
+    version), this library's observations are the SDK's spans and go through them."""
+    import os
+
+    printed = run_script(_CUSTOM_FILTER_AND_EXPORTER, {**os.environ, **capture.env}, kind)
+    lines = printed.splitlines()
+    assert lines[0] == "_Span"  # the OTel SDK's span class, not LeanSpan
+    if kind == "exporter":
+        assert lines[1] == "hidden shown"
+        time.sleep(0.5)
+        assert capture.observations == []  # the user's exporter took them instead
+    else:
+        capture.wait_for(lambda s: any(o.name == "shown" for o in s.observations))
+        time.sleep(0.3)
+        assert [o.name for o in capture.observations] == ["shown"]

@@ -1,40 +1,109 @@
-"""The few Langfuse SDK details celery-langfuse relies on. If the SDK changes one,
-this fails first, with a message that says which."""
+"""The Langfuse SDK details celery-langfuse relies on, for the installed SDK version
+(any of ``langfuse>=4.7,<6``; .ci/run runs this file on 4.7, 4.12, 4.18, 5.0 and 5.2).
+If an SDK release changes one, this fails first, with a message that says which."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
 import time
+from typing import Any
 
+import langfuse
+import pytest
 from langfuse import get_client, propagate_attributes
 
-from celery_langfuse import client
+from celery_langfuse import _sdk, client, headers
 from celery_langfuse.headers import TraceAttributes
 from celery_langfuse.testing import CaptureServer
+
+SDK = _sdk.installed()
+
+
+def test_the_installed_sdk_is_the_one_the_facts_describe() -> None:
+    assert SDK.version == langfuse.__version__
+    assert SDK.supported, f"langfuse {SDK.version} is outside {_sdk.SUPPORTED_RANGE}"
+
+
+def test_every_attribute_the_sdk_propagates_crosses_the_broker() -> None:
+    """celery-langfuse carries each ``propagate_attributes`` keyword of the installed
+    SDK (not ``as_baggage``, which is how, not what); a new one fails here."""
+    taken = set(inspect.signature(propagate_attributes).parameters) - {"as_baggage"}
+    assert taken == set(SDK.propagated_arguments), (
+        f"propagate_attributes takes {sorted(taken)}; celery-langfuse carries "
+        f"{sorted(SDK.propagated_arguments)} (_sdk._PROPAGATED_SINCE)"
+    )
+
+
+def _every_propagated_argument() -> dict[str, Any]:
+    """A value for each argument the installed SDK's ``propagate_attributes`` takes."""
+    values: dict[str, Any] = {
+        "user_id": "u",
+        "session_id": "s",
+        "tags": ["t"],
+        "trace_name": "n",
+        "version": "v7",
+        "metadata": {"k": "v", "n": "12"},
+        "environment": "staging",
+        "prompt": {"name": "summarise", "version": 3},
+        "skills_available": [{"name": "search", "version": 2}, {"name": "sql"}],
+        "attach_skills": True,
+    }
+    return {name: value for name, value in values.items() if name in SDK.propagated_arguments}
 
 
 def test_propagated_attributes_are_readable_from_the_context(
     langfuse_capture: CaptureServer,
 ) -> None:
-    with get_client().start_as_current_observation(name="contract"), propagate_attributes(
-        user_id="u",
-        session_id="s",
-        tags=["t"],
-        trace_name="n",
-        environment="staging",
-        metadata={"k": "v"},
-    ):
-        read = client.current_trace_attributes()
-    assert read == TraceAttributes(
+    arguments = _every_propagated_argument()
+    with get_client().start_as_current_observation(name="contract"):
+        with propagate_attributes(**arguments):
+            read = client.current_trace_attributes()
+    # SDK 5 keeps metadata values JSON-encoded; SDK 4 as the strings they were set as.
+    metadata = {"k": '"v"', "n": '"12"'} if SDK.metadata_values_are_json else {"k": "v", "n": "12"}
+    expected = TraceAttributes(
         user_id="u",
         session_id="s",
         tags=("t",),
         trace_name="n",
-        environment="staging",
-        metadata={"k": '"v"'},
-    ), "langfuse.propagate_attributes no longer stores its values under 'langfuse.propagated.<key>'"
+        version="v7",
+        metadata=metadata,
+        environment=arguments.get("environment"),
+        prompt_name="summarise" if "prompt" in arguments else None,
+        prompt_version=3 if "prompt" in arguments else None,
+        skills_available=(
+            '[{"name":"search","version":2},{"name":"sql"}]'
+            if "skills_available" in arguments
+            else None
+        ),
+        attach_skills=True if "attach_skills" in arguments else None,
+    )
+    assert read == expected, (
+        "langfuse.propagate_attributes no longer stores its values under "
+        "'langfuse.propagated.<key>' as client.current_trace_attributes reads them"
+    )
+
+
+def test_reapplied_attributes_are_what_the_producer_propagated(
+    langfuse_capture: CaptureServer,
+) -> None:
+    """Read in the producer, written to message headers, read back and re-applied in
+    the worker: the SDK's span processor then copies the same attributes onto spans."""
+    from langfuse._client.propagation import _get_propagated_attributes_from_context
+    from opentelemetry import context as otel_context
+
+    with propagate_attributes(**_every_propagated_argument()):
+        producer = otel_context.get_current()
+        message: dict[str, Any] = {}
+        headers.inject(message, parent=None, attributes=client.current_trace_attributes())
+    with client.propagated(headers.extract(message).attributes):
+        worker = otel_context.get_current()
+        assert client.current_trace_attributes() == client.current_trace_attributes(producer)
+    sent = _get_propagated_attributes_from_context(producer)
+    assert _get_propagated_attributes_from_context(worker) == sent
+    assert len(sent) >= 7  # user, session, tags, trace name, version, 2 metadata keys
 
 
 def test_reapplied_metadata_is_not_encoded_twice(langfuse_capture: CaptureServer) -> None:
@@ -48,7 +117,8 @@ def test_reapplied_metadata_is_not_encoded_twice(langfuse_capture: CaptureServer
     client.flush(5)
     langfuse_capture.wait_for(lambda s: any(o.id == consumer.id for o in s.observations))
     observation = next(o for o in langfuse_capture.observations if o.id == consumer.id)
-    assert observation.attributes["langfuse.trace.metadata.tenant"] == '"acme"'
+    expected = '"acme"' if SDK.metadata_values_are_json else "acme"
+    assert observation.attributes["langfuse.trace.metadata.tenant"] == expected
 
 
 def test_a_root_in_a_chosen_trace_has_no_parent_and_can_be_backdated(
@@ -69,6 +139,7 @@ def test_a_root_in_a_chosen_trace_has_no_parent_and_can_be_backdated(
         "cannot drop the parent the Langfuse SDK invents for trace_context="
     )
     assert exported.duration >= 1.9, "the OTel SDK span no longer keeps `_start_time`"
+    assert exported.attributes.get("langfuse.internal.as_root") is True
     assert trace.find("child").parent_id == root.id
     assert trace.orphans() == []
 
@@ -125,3 +196,138 @@ def test_spans_waiting_in_the_sdk_batch_processor_are_counted(
         "BatchSpanProcessor._batch_processor._queue moved: the flush warning cannot "
         "say how many observations it gave up on"
     )
+
+
+def test_the_client_fields_celery_langfuse_reads_are_there(
+    langfuse_capture: CaptureServer,
+) -> None:
+    """client._static_attributes and start_observation read these private fields of
+    the client; spans.recorder_for reads the resource manager's."""
+    sdk_client = get_client()
+    for name in ("_environment", "_release", "_mask", "_otel_tracer", "_tracing_enabled"):
+        assert hasattr(sdk_client, name), f"Langfuse() no longer has {name}"
+    resources = sdk_client._resources
+    fields = [
+        "public_key",
+        "secret_key",
+        "base_url",
+        "timeout",
+        "flush_at",
+        "flush_interval",
+        "additional_headers",
+        "span_exporter",
+        "should_export_span",
+        "sample_rate",
+        "tracer_provider",
+    ]
+    if SDK.release >= (4, 12, 0):
+        fields += ["id_generator", "mask_otel_spans"]
+    if SDK.has_compression_setting:
+        fields.append("otel_compression")
+    if SDK.release >= (5, 2, 0):
+        fields.append("skills")
+    missing = [name for name in fields if not hasattr(resources, name)]
+    assert missing == [], f"LangfuseResourceManager no longer has {missing}"
+
+
+def test_the_sdk_marks_roots_with_the_attributes_celery_langfuse_writes() -> None:
+    from langfuse._client.attributes import LangfuseOtelSpanAttributes as Attributes
+
+    assert Attributes.AS_ROOT == client._AS_ROOT == "langfuse.internal.as_root"
+    assert Attributes.IS_APP_ROOT == "langfuse.internal.is_app_root"
+    assert Attributes.OBSERVATION_METADATA == client._METADATA
+    assert Attributes.ENVIRONMENT == client._ENVIRONMENT
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"),
+    [("4.6.1", False), ("4.7.0", True), ("4.18.0", True), ("5.2.0", True), ("6.0.0", False)],
+)
+def test_the_supported_range_is_langfuse_4_7_up_to_6(version: str, supported: bool) -> None:
+    assert _sdk.InstalledSdk(version, _sdk.parse_release(version)).supported is supported
+
+
+def test_an_unsupported_sdk_is_refused_at_install_and_tasks_run_untraced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the installed SDK is supported, an unsupported one is faked (its version
+    number only: install() decides from it alone); .ci/run also runs this test in a
+    venv with a real langfuse 4.6.1."""
+    from celery import Celery, signals
+
+    from celery_langfuse import install
+    from celery_langfuse.config import ConfigurationError
+    from celery_langfuse.install import installation_for
+
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-unsupported")
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-unsupported")
+    found = _sdk.installed()
+    if found.supported:
+        found = _sdk.InstalledSdk("4.6.1", (4, 6, 1))
+        monkeypatch.setattr(_sdk, "installed", lambda: found)
+    app = Celery("unsupported-sdk", broker="memory://")
+    app.conf.task_always_eager = True
+
+    @app.task(name="unsupported.add")
+    def add(x: int, y: int) -> int:
+        return x + y
+
+    receivers = len(signals.task_prerun.receivers)
+    with pytest.raises(ConfigurationError) as refused:
+        install(app)
+    assert f"found langfuse {found.version}" in str(refused.value)
+    assert "langfuse>=4.7,<6" in str(refused.value)
+    assert installation_for(app) is None
+    assert len(signals.task_prerun.receivers) == receivers  # nothing connected
+    assert add.delay(2, 3).get(timeout=10) == 5
+
+
+def test_doctor_names_the_sdk_version_and_the_server_it_needs(
+    langfuse_capture: CaptureServer,
+) -> None:
+    from tests.test_cli import doctor
+
+    output = doctor(langfuse_capture.env).stdout
+    assert f"langfuse {SDK.version}: supported (langfuse>=4.7,<6)" in output
+    assert f"needs server: {SDK.minimum_server}" in output
+    assert ("v4.59.0" in output) == (SDK.major == 5)
+
+
+def test_create_score_takes_environment_where_the_facts_say() -> None:
+    from langfuse import Langfuse
+
+    takes = "environment" in inspect.signature(Langfuse.create_score).parameters
+    assert takes == SDK.score_takes_environment
+
+
+def test_sdk_4_score_consumers_can_be_woken_to_send_now(
+    langfuse_capture: CaptureServer,
+) -> None:
+    """SDK 5's flush wakes its score consumers; SDK 4's only waits for them, up to its
+    flush interval. _sdk.wake_score_consumers hands each SDK 4 consumer the sentinel it
+    takes as "send now", and the consumer goes on running."""
+    sdk_client = get_client()
+    resources = sdk_client._resources
+    if SDK.major >= 5:
+        assert all(hasattr(c, "wake") for c in resources._score_consumers)
+        return
+    consumers = resources._ingestion_consumers
+    assert consumers and all(c.is_alive() for c in consumers)
+    # As a worker with LANGFUSE_FLUSH_INTERVAL=30 would: the next batch waits 30 s.
+    intervals = [c._flush_interval for c in consumers]
+    for consumer in consumers:
+        consumer._flush_interval = 30
+    try:
+        time.sleep(0.3)  # the batches started with the short interval have gone
+        sdk_client.create_score(name="woken", value=1.0, trace_id="7a" * 16)
+        _sdk.wake_score_consumers(resources)
+        queue = resources._score_ingestion_queue
+        deadline = time.monotonic() + 2
+        while queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queue.unfinished_tasks == 0, "the score waited for the flush interval"
+        assert all(c.is_alive() for c in consumers)
+    finally:
+        for consumer, interval in zip(consumers, intervals):
+            consumer._flush_interval = interval
+        _sdk.wake_score_consumers(resources)

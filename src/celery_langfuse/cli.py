@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit, urlunsplit
 
-from . import client
+from . import _sdk, client
 from .config import ENV_PREFIX, ENV_VARIABLES, SETTING_NAMES, TracingConfig, app_settings
 
 _SECRET_MASK = "****"
@@ -104,6 +104,7 @@ def doctor(args: argparse.Namespace) -> int:
     """Print what tracing would do for ``args.app``; 0 when nothing is wrong."""
     report = _Report()
     print(f"celery-langfuse doctor: {args.app}")
+    _report_sdk_version(report)
     app = _load_app(args.app, report)
     if app is None:
         return _summary(report)
@@ -158,6 +159,23 @@ def _report_settings(config: TracingConfig, report: _Report) -> None:
     for variable in sorted(os.environ):
         if variable.startswith(ENV_PREFIX) and variable not in known:
             report.note(f"{variable} is not a celery-langfuse setting; it is ignored")
+
+
+def _report_sdk_version(report: _Report) -> None:
+    """First, so that it shows even when the app cannot load (``install()`` refuses an
+    unsupported SDK)."""
+    report.section("Langfuse SDK version")
+    sdk = _sdk.installed()
+    if sdk.version is None:
+        report.problem(f"not installed (supported: langfuse{_sdk.SUPPORTED_RANGE})")
+    elif sdk.supported:
+        report.line(f"langfuse {sdk.version}: supported (langfuse{_sdk.SUPPORTED_RANGE})")
+        report.line(f"needs server: {sdk.minimum_server}")
+    else:
+        report.problem(
+            f"langfuse {sdk.version}: not supported (supported: "
+            f"langfuse{_sdk.SUPPORTED_RANGE}); install() refuses it"
+        )
 
 
 def _report_sdk_environment(report: _Report) -> None:

@@ -36,6 +36,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Status, StatusCode
 
+from . import _sdk
 from .export import SpanExport, load_sender
 from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
 from .sampling import new_span_id
@@ -393,6 +394,7 @@ def _send_buffered(holders: _Holders, timeout: float, shutdown: bool) -> None:
     # Clients first: their provider's flush also reaches this library's exporter
     # where it is registered on it as a span processor.
     for manager in holders.clients:
+        _call_logged(partial(_sdk.wake_score_consumers, manager))
         _call_logged(manager.shutdown if shutdown else manager.flush)
     for provider in holders.providers:
         _call_logged(partial(provider.force_flush, int(timeout * 1000)))
@@ -461,7 +463,16 @@ _USER_ID, _SESSION_ID, _TAGS, _TRACE_NAME, _TRACE_ENVIRONMENT, _TRACE_METADATA =
     _PROPAGATED_KEY.format(name)
     for name in ("user_id", "session_id", "tags", "trace_name", "environment", "metadata")
 )
+_TRACE_VERSION, _PROMPT_NAME, _PROMPT_VERSION, _SKILLS_AVAILABLE, _ATTACH_SKILLS = (
+    _PROPAGATED_KEY.format(name)
+    for name in ("version", "prompt_name", "prompt_version", "skills_available", "attach_skills")
+)
 _NO_TRACE_ATTRIBUTES = TraceAttributes()
+#: Decided once, for the installed SDK (see _sdk.py): the `propagate_attributes`
+#: keywords it takes, and whether it keeps metadata values JSON-encoded.
+_SDK = _sdk.installed()
+_PROPAGATED_ARGUMENTS = _SDK.propagated_arguments
+_METADATA_IS_JSON = _SDK.metadata_values_are_json
 
 
 def current_trace_attributes(ctx: Optional[otel_context.Context] = None) -> TraceAttributes:
@@ -471,36 +482,72 @@ def current_trace_attributes(ctx: Optional[otel_context.Context] = None) -> Trac
         ctx = otel_context.get_current()
     user_id, session_id, tags = ctx.get(_USER_ID), ctx.get(_SESSION_ID), ctx.get(_TAGS)
     trace_name, environment = ctx.get(_TRACE_NAME), ctx.get(_TRACE_ENVIRONMENT)
-    metadata = ctx.get(_TRACE_METADATA)
-    if not (user_id or session_id or tags or trace_name or environment or metadata):
+    metadata, version = ctx.get(_TRACE_METADATA), ctx.get(_TRACE_VERSION)
+    prompt_name, skills, attach_skills = (
+        ctx.get(_PROMPT_NAME),
+        ctx.get(_SKILLS_AVAILABLE),
+        ctx.get(_ATTACH_SKILLS),
+    )
+    if not (
+        user_id
+        or session_id
+        or tags
+        or trace_name
+        or environment
+        or metadata
+        or version
+        or prompt_name
+        or skills
+        or attach_skills is not None
+    ):
         return _NO_TRACE_ATTRIBUTES  # the usual case: nothing propagated
+    prompt_version = ctx.get(_PROMPT_VERSION)
     return TraceAttributes(
         user_id=_str_or_none(user_id),
         session_id=_str_or_none(session_id),
         tags=tuple(tags) if isinstance(tags, (list, tuple)) else (),
         trace_name=_str_or_none(trace_name),
         environment=_str_or_none(environment),
-        # Values stay JSON-encoded, as the SDK keeps them; see `propagated`.
+        # Values stay encoded as the installed SDK keeps them; see `propagated`.
         metadata=dict(metadata) if isinstance(metadata, dict) else {},
+        version=_str_or_none(version),
+        prompt_name=_str_or_none(prompt_name) if type(prompt_version) is int else None,
+        prompt_version=prompt_version if type(prompt_version) is int else None,
+        skills_available=_str_or_none(skills),
+        attach_skills=attach_skills if isinstance(attach_skills, bool) else None,
     )
 
 
 @contextmanager
 def propagated(attributes: TraceAttributes) -> Iterator[None]:
-    """Re-apply trace attributes read from a message for everything started inside."""
+    """Re-apply trace attributes read from a message for everything started inside,
+    those the installed SDK's ``propagate_attributes`` takes."""
     if not attributes:
         yield
         return
     import langfuse
 
-    with langfuse.propagate_attributes(
-        user_id=attributes.user_id,
-        session_id=attributes.session_id,
-        tags=list(attributes.tags) or None,
-        trace_name=attributes.trace_name,
-        environment=attributes.environment,
-        metadata={key: _json_or_raw(item) for key, item in attributes.metadata.items()} or None,
-    ):
+    arguments: dict[str, Any] = {
+        "user_id": attributes.user_id,
+        "session_id": attributes.session_id,
+        "tags": list(attributes.tags) or None,
+        "trace_name": attributes.trace_name,
+        "version": attributes.version,
+        "metadata": {key: _metadata_item(item) for key, item in attributes.metadata.items()}
+        or None,
+    }
+    if attributes.environment and "environment" in _PROPAGATED_ARGUMENTS:
+        arguments["environment"] = attributes.environment
+    if attributes.prompt_name and "prompt" in _PROPAGATED_ARGUMENTS:
+        arguments["prompt"] = {
+            "name": attributes.prompt_name,
+            "version": attributes.prompt_version,
+        }
+    if attributes.skills_available and "skills_available" in _PROPAGATED_ARGUMENTS:
+        arguments["skills_available"] = _json_or_raw(attributes.skills_available)
+    if attributes.attach_skills is not None and "attach_skills" in _PROPAGATED_ARGUMENTS:
+        arguments["attach_skills"] = attributes.attach_skills
+    with langfuse.propagate_attributes(**arguments):
         yield
 
 
@@ -508,9 +555,14 @@ def _str_or_none(value: Any) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
+def _metadata_item(value: str) -> Any:
+    # SDK 5 JSON-encodes metadata values when they are set and again when they are
+    # re-applied: decode once so "acme" does not arrive as "\"acme\"". SDK 4 keeps
+    # them as the strings they were set as.
+    return _json_or_raw(value) if _METADATA_IS_JSON else value
+
+
 def _json_or_raw(value: str) -> Any:
-    # The SDK JSON-encodes metadata values when they are set and again when they are
-    # re-applied: decode once so "acme" does not arrive as "\"acme\"".
     try:
         return json.loads(value)
     except ValueError:
@@ -585,10 +637,11 @@ class Observation:
         if metadata:
             masked = _masked(metadata, self._mask)
             if isinstance(masked, dict):
-                # One key each, so this adds to the metadata set at the start.
+                # One key each, so this adds to the metadata set at the start;
+                # each value encoded as the installed SDK encodes it (see _sdk.py).
                 for key, value in masked.items():
                     if value is not None:
-                        attributes[f"{_METADATA}.{key}"] = _encode(value)
+                        attributes[f"{_METADATA}.{key}"] = _metadata_value(value)
             else:
                 attributes[_METADATA] = _encode(masked)
         if level is not None:
@@ -767,6 +820,12 @@ def _encode(value: Any) -> str:
     return "".join(_c_encode(value, 0))
 
 
+#: One metadata value as the installed SDK writes a `langfuse.observation.metadata.<key>`
+#: attribute: SDK 4 keeps strings and numbers as they are, SDK 5 JSON-encodes them all
+#: (and tells the server so with its ingestion-version header).
+_metadata_value = _SDK.metadata_encoder()
+
+
 def _masked(value: Any, mask: Any) -> Any:
     """``value`` through the Langfuse client's ``mask`` function, as the SDK applies it."""
     if mask is None:
@@ -824,6 +883,8 @@ def score_cron_run(
 ) -> None:
     """Record the cron health scores of one run on its trace; None means "not known"."""
     langfuse_client = get_langfuse()
+    # `environment=` arrived in SDK 4.12; before, a score takes the client's.
+    where: dict[str, Any] = {"environment": environment} if _SDK.score_takes_environment else {}
     # Lateness first: scores leave in order, so whoever sees cron_success has both.
     if lateness_seconds is not None:
         langfuse_client.create_score(
@@ -832,7 +893,7 @@ def score_cron_run(
             trace_id=trace_id,
             data_type="NUMERIC",
             metadata=metadata,
-            environment=environment,
+            **where,
         )
     if success is not None:
         langfuse_client.create_score(
@@ -842,5 +903,5 @@ def score_cron_run(
             data_type="NUMERIC",
             comment=comment,
             metadata=metadata,
-            environment=environment,
+            **where,
         )

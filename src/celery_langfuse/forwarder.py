@@ -41,6 +41,7 @@ import httpx
 from langfuse import __version__ as langfuse_version
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from . import _sdk
 from .durable import Batch, DurableQueue
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,12 @@ class LangfuseEndpoint:
             "x-langfuse-sdk-name": "python",
             "x-langfuse-sdk-version": langfuse_version,
             "x-langfuse-public-key": public_key,
-            "x-langfuse-ingestion-version": "4",
         }
+        # The spans were encoded by the installed SDK (durable mode replaces only its
+        # exporter): SDK 5's metadata values are JSON and it says so; SDK 4's are not.
+        ingestion_version = _sdk.installed().ingestion_version
+        if ingestion_version is not None:
+            self._headers["x-langfuse-ingestion-version"] = ingestion_version
         self._http = http or httpx.Client(timeout=timeout)
 
     @classmethod

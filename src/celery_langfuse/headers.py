@@ -6,8 +6,9 @@ OpenTelemetry consumers and Langfuse-aware ones both understand it:
 - W3C ``traceparent`` (plus ``tracestate``/``baggage``) as the global OTel propagator
   writes them;
 - ``x-langfuse-*`` headers: trace id, parent observation id, and the trace-level
-  attributes Langfuse filters on (user, session, tags, trace name, environment,
-  metadata), plus the publish time so the worker can report queue wait, and
+  attributes ``langfuse.propagate_attributes`` sets (user, session, tags, trace name,
+  version, environment, metadata, prompt, skills: whichever the installed SDK has),
+  plus the publish time so the worker can report queue wait, and
   ``x-langfuse-sampled: 0`` when the trace was sampled out (the W3C sampled flag says
   the same, but only when the global propagator writes ``traceparent``);
 - for a message celery beat sent: the schedule entry's name and when the run was due,
@@ -52,6 +53,11 @@ TAGS = "x-langfuse-tags"
 TRACE_NAME = "x-langfuse-trace-name"
 ENVIRONMENT = "x-langfuse-environment"
 METADATA = "x-langfuse-metadata"
+VERSION = "x-langfuse-version"
+PROMPT_NAME = "x-langfuse-prompt-name"
+PROMPT_VERSION = "x-langfuse-prompt-version"
+SKILLS_AVAILABLE = "x-langfuse-skills-available"
+ATTACH_SKILLS = "x-langfuse-attach-skills"
 PUBLISHED_AT = "x-langfuse-published-at"
 SAMPLED = "x-langfuse-sampled"
 CRON_ENTRY = "x-langfuse-cron-entry"
@@ -72,6 +78,11 @@ ALL_HEADERS = (
     TRACE_NAME,
     ENVIRONMENT,
     METADATA,
+    VERSION,
+    PROMPT_NAME,
+    PROMPT_VERSION,
+    SKILLS_AVAILABLE,
+    ATTACH_SKILLS,
     PUBLISHED_AT,
     SAMPLED,
     CRON_ENTRY,
@@ -79,8 +90,20 @@ ALL_HEADERS = (
     SIGNATURE,
 )
 
-#: The trace attributes' headers.
-_ATTRIBUTE_HEADERS = (USER_ID, SESSION_ID, TAGS, TRACE_NAME, ENVIRONMENT, METADATA)
+#: The trace attributes' headers (signed, and ignored from an untrusted sender).
+_ATTRIBUTE_HEADERS = (
+    USER_ID,
+    SESSION_ID,
+    TAGS,
+    TRACE_NAME,
+    ENVIRONMENT,
+    METADATA,
+    VERSION,
+    PROMPT_NAME,
+    PROMPT_VERSION,
+    SKILLS_AVAILABLE,
+    ATTACH_SKILLS,
+)
 
 # Limits follow what Langfuse itself accepts for propagated attributes.
 _MAX_ATTRIBUTE_CHARS = 200
@@ -92,6 +115,7 @@ MAX_METADATA_KEYS = 50
 _MAX_METADATA_CHARS = 8_000
 #: Longest trust secret or signature compared; a longer header is not trusted.
 MAX_SECRET_CHARS = 1_024
+_MAX_SKILLS_CHARS = 8_000
 _TRACE_ID_RE = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID_RE = re.compile(r"[0-9a-f]{16}")
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -110,7 +134,10 @@ _LANGFUSE_BAGGAGE_PREFIX = "langfuse_"
 
 @dataclass(frozen=True)
 class TraceAttributes:
-    """Trace-level attributes that Langfuse filters on and that cross the broker."""
+    """Trace-level attributes that Langfuse filters on and that cross the broker: what
+    ``langfuse.propagate_attributes`` set where the message was sent. Fields an
+    installed SDK does not propagate (``environment`` before 4.12, ``prompt_*`` before
+    4.18, ``*skills*`` before 5.2) are carried but not re-applied by it."""
 
     user_id: Optional[str] = None
     session_id: Optional[str] = None
@@ -118,6 +145,14 @@ class TraceAttributes:
     trace_name: Optional[str] = None
     environment: Optional[str] = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: The trace's ``version`` (``langfuse.version``).
+    version: Optional[str] = None
+    #: The prompt linked to generations (``propagate_attributes(prompt=...)``).
+    prompt_name: Optional[str] = None
+    prompt_version: Optional[int] = None
+    #: ``skills_available`` as the SDK keeps it: a JSON list of skill references.
+    skills_available: Optional[str] = None
+    attach_skills: Optional[bool] = None
 
     def __bool__(self) -> bool:
         return bool(
@@ -127,6 +162,10 @@ class TraceAttributes:
             or self.trace_name
             or self.environment
             or self.metadata
+            or self.version
+            or self.prompt_name
+            or self.skills_available
+            or self.attach_skills is not None
         )
 
     def bounded(self) -> TraceAttributes:
@@ -275,6 +314,15 @@ def inject(
         if len(metadata) > MAX_METADATA_KEYS:
             metadata = dict(list(metadata.items())[:MAX_METADATA_KEYS])
         headers[METADATA] = json.dumps(dict(metadata), separators=(",", ":"))
+    if attributes.version:
+        headers[VERSION] = attributes.version
+    if attributes.prompt_name and attributes.prompt_version is not None:
+        headers[PROMPT_NAME] = attributes.prompt_name
+        headers[PROMPT_VERSION] = str(attributes.prompt_version)
+    if attributes.skills_available:
+        headers[SKILLS_AVAILABLE] = attributes.skills_available
+    if attributes.attach_skills is not None:
+        headers[ATTACH_SKILLS] = "1" if attributes.attach_skills else "0"
     if cron is not None:
         headers[CRON_ENTRY] = cron.entry
         if cron.due_at is not None:
@@ -421,6 +469,10 @@ class _Reader:
             trace_name=self.short_string(TRACE_NAME),
             environment=self.environment(),
             metadata=self.metadata(),
+            version=self.short_string(VERSION),
+            **self.prompt(),
+            skills_available=self.skills_available(),
+            attach_skills=self.flag(ATTACH_SKILLS),
         )
 
     def distrusted(self) -> tuple[Optional[TraceParent], TraceAttributes, Optional[Distrusted]]:
@@ -551,6 +603,44 @@ class _Reader:
             and isinstance(item, str)
             and len(item) <= _MAX_ATTRIBUTE_CHARS
         }
+
+    def prompt(self) -> dict[str, Any]:
+        """``prompt_name`` and ``prompt_version``, both or neither."""
+        name = self.short_string(PROMPT_NAME)
+        raw = self._headers.get(PROMPT_VERSION)
+        if name is not None and isinstance(raw, str) and raw.isdigit() and len(raw) <= 10:
+            return {"prompt_name": name, "prompt_version": int(raw)}
+        if raw is not None:  # bad, or without a usable name
+            self._drop(PROMPT_VERSION, raw)
+        elif name is not None:  # a name without a version
+            self._drop(PROMPT_NAME, name)
+        return {}
+
+    def skills_available(self) -> Optional[str]:
+        raw = self._headers.get(SKILLS_AVAILABLE)
+        if raw is None:
+            return None
+        value = self._json(SKILLS_AVAILABLE)
+        if (
+            isinstance(value, list)
+            and all(
+                isinstance(skill, dict) and isinstance(skill.get("name"), str) for skill in value
+            )
+            and len(raw) <= _MAX_SKILLS_CHARS
+        ):
+            return str(raw)
+        if value is not None:
+            self._drop(SKILLS_AVAILABLE, raw)
+        return None
+
+    def flag(self, name: str) -> Optional[bool]:
+        raw = self._headers.get(name)
+        if raw is None:
+            return None
+        if raw in ("1", "0"):
+            return bool(raw == "1")
+        self._drop(name, raw)
+        return None
 
     def cron_run(self) -> Optional[CronRun]:
         entry = self.short_string(CRON_ENTRY)

@@ -12,7 +12,9 @@ that is safe before a fork too, as the SDK restarts its threads in the child.
 Settings are resolved and validated here, once (see ``config.py``). Without Langfuse
 keys, with ``enabled`` off, or with the SDK's ``LANGFUSE_TRACING_ENABLED=false``,
 ``install`` connects nothing: tracing is off, with one warning for the missing keys,
-and every task runs exactly as without this library.
+and every task runs exactly as without this library. An unsupported Langfuse SDK
+(outside ``langfuse>=4.7,<6``, see ``_sdk.py``) is refused with a
+:class:`~celery_langfuse.config.ConfigurationError` before anything is connected.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import client, export, publish
+from . import _sdk, client, export, publish
 from .beat import BeatTracing
 from .config import ConfigurationError, TracingConfig, app_settings
 from .publish import on_before_task_publish
@@ -154,7 +156,8 @@ def install(app: Celery, **options: Any) -> Installation:
     """Trace every task of ``app`` in Langfuse. Idempotent: a second call returns the
     same installation unchanged. Options are the fields of :class:`TracingConfig`,
     resolved with the ``CELERY_LANGFUSE_*`` variables and the environment preset; a
-    wrong value raises :class:`~celery_langfuse.config.ConfigurationError`."""
+    wrong value, or an installed Langfuse SDK outside the supported range, raises
+    :class:`~celery_langfuse.config.ConfigurationError` and connects nothing."""
     global _warned_missing_keys
     if not isinstance(app, Celery):
         raise TypeError(f"install() needs a celery.Celery app, got {type(app).__name__}")
@@ -163,6 +166,8 @@ def install(app: Celery, **options: Any) -> Installation:
         if existing is not None:
             return existing
         config = TracingConfig.resolve(options, app_config=app_settings(app))
+        if config.enabled:
+            _sdk.require_supported()  # decided here, once; tasks run untraced if refused
         off_reason = None
         if not config.enabled:
             off_reason = f"disabled by enabled=False ({config.source_of('enabled')})"

@@ -43,7 +43,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
 
-from . import otlp
+from . import _sdk, otlp
 from .export import SpanExport
 
 if TYPE_CHECKING:
@@ -298,6 +298,10 @@ class Recorder:
         if processor is None:
             log.debug("celery-langfuse: no Langfuse span processor for a span with media")
             return
+        if not _sdk.installed().media_scanned_at_export:
+            _sdk.upload_media_in_attributes(
+                span.attributes, span.trace_id, span.span_id, resources._media_manager
+            )
 
         code, message = span._status
         status_code = {otlp.STATUS_OK: StatusCode.OK, otlp.STATUS_ERROR: StatusCode.ERROR}.get(
@@ -433,12 +437,17 @@ def _recorder_for(client: Any) -> Optional[Recorder]:
     resources = getattr(client, "_resources", None)
     if resources is None or not getattr(client, "_tracing_enabled", False):
         return None
+    # Fields some supported SDK versions lack read as "not set" (see _sdk.py).
+    sample_rate = resources.sample_rate
     if (
         resources.span_exporter is not None
-        or resources.mask_otel_spans is not None
         or resources.should_export_span is not None
-        or resources.id_generator is not None
-        or (resources.sample_rate is not None and resources.sample_rate < 1)
+        or getattr(resources, "mask_otel_spans", None) is not None
+        or getattr(resources, "id_generator", None) is not None
+        or getattr(resources, "blocked_instrumentation_scopes", None)
+        # SDK 5.2's processor adds the configured skills to spans in some contexts.
+        or getattr(resources, "skills", None) is not None
+        or (sample_rate is not None and sample_rate < 1)
     ):
         return None
     provider = resources.tracer_provider
@@ -456,7 +465,7 @@ def _recorder_for(client: Any) -> Optional[Recorder]:
         timeout=resources.timeout,
         flush_at=resources.flush_at,
         flush_interval=resources.flush_interval,
-        compression=resources.otel_compression,
+        compression=getattr(resources, "otel_compression", None),
         additional_headers=resources.additional_headers,
         resource_attributes=dict(provider.resource.attributes),
     )
@@ -546,23 +555,28 @@ def _span_export(
         flush_interval = float(env.get("LANGFUSE_FLUSH_INTERVAL") or 5.0)
     path = env.get("LANGFUSE_OTEL_TRACES_EXPORT_PATH")
     endpoint = f"{base_url}/{path}" if path else f"{base_url}/api/public/otel/v1/traces"
-    sdk_version = _distribution_version("langfuse")
+    sdk = _sdk.installed()
+    sdk_version = sdk.version or "unknown"
+    gzip_body = _gzip(compression, sdk)
+    if gzip_body is None:
+        raise ValueError("an OTLP compression the lean exporter does not write")
     auth = base64.b64encode(f"{public_key}:{secret_key}".encode()).decode("ascii")
     headers = {
         "Authorization": f"Basic {auth}",
         "x-langfuse-sdk-name": "python",
         "x-langfuse-sdk-version": sdk_version,
         "x-langfuse-public-key": public_key,
-        "x-langfuse-ingestion-version": "4",
-        **(additional_headers or {}),
     }
+    if sdk.ingestion_version is not None:
+        headers["x-langfuse-ingestion-version"] = sdk.ingestion_version
+    headers.update(additional_headers or {})
     return SpanExport(
         endpoint=endpoint,
         headers=headers,
         timeout=float(timeout or 5),
         flush_at=flush_at,
         flush_interval=flush_interval,
-        gzip_body=_gzip(compression),
+        gzip_body=gzip_body,
         scope=otlp.encode_scope(
             resource_attributes=resource_attributes,
             scope_name=_LANGFUSE_TRACER_NAME,
@@ -582,20 +596,36 @@ def _sdk_resource_attributes(environment: Optional[str], release: Optional[str])
     return dict(resource.attributes)
 
 
-def _gzip(compression: Optional[str]) -> bool:
-    """The SDK's rule: the argument, then ``LANGFUSE_OTEL_COMPRESSION``, then the OTel
-    variables, then gzip; "none" turns it off, anything else invalid is skipped."""
+def _gzip(compression: Optional[str], sdk: _sdk.InstalledSdk) -> Optional[bool]:
+    """Whether the installed SDK's exporter would gzip; None for a compression this
+    exporter does not write (deflate), where the SDK's own exporter must be used.
+
+    SDK 5: the argument, then ``LANGFUSE_OTEL_COMPRESSION``, then the OTel variables,
+    then gzip; "none" turns it off, anything else invalid is skipped. SDK 4.18: the
+    argument or ``LANGFUSE_OTEL_COMPRESSION`` if valid, else what the OTLP exporter
+    reads itself: the first OTel variable set, else none. Older SDK 4: only the OTel
+    variables.
+    """
     env = os.environ
-    for value in (
-        compression,
-        env.get("LANGFUSE_OTEL_COMPRESSION"),
+    langfuse_settings = (compression, env.get("LANGFUSE_OTEL_COMPRESSION"))
+    otel_settings = (
         env.get("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
         env.get("OTEL_EXPORTER_OTLP_COMPRESSION"),
-    ):
-        value = (value or "").strip().lower()
+    )
+    if sdk.gzip_by_default:
+        for value in (*langfuse_settings, *otel_settings):
+            value = (value or "").strip().lower()
+            if value in ("gzip", "none"):
+                return value == "gzip"
+        return True
+    if sdk.has_compression_setting:
+        value = (compression or env.get("LANGFUSE_OTEL_COMPRESSION") or "").strip().lower()
         if value in ("gzip", "none"):
             return value == "gzip"
-    return True
+    value = (otel_settings[0] or otel_settings[1] or "none").strip().lower()
+    if value == "deflate":
+        return None
+    return value == "gzip"  # the OTLP exporter sends anything else uncompressed
 
 
 def environment_and_release() -> tuple[Optional[str], Optional[str]]:
@@ -622,11 +652,3 @@ _COMMON_RELEASE_VARIABLES = (
 )
 _LANGFUSE_TRACER_NAME = "langfuse-sdk"  # the SDK's tracer scope, which its ingestion expects
 
-
-def _distribution_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"

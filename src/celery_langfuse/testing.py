@@ -10,6 +10,7 @@ Endpoints served (the ones SDK v5 calls):
 
 - ``POST /api/public/otel/v1/traces``: OTLP/HTTP protobuf, gzip (the SDK default)
   or uncompressed. Answered with an empty ``ExportTraceServiceResponse``.
+- ``POST /api/public/ingestion``: SDK 4's ``score-create`` events, answered ``207``.
 - ``POST /api/public/scores``: a JSON list of scores (SDK v5 no longer uses the
   batch ``/api/public/ingestion`` endpoint for scores). Answered ``202 Accepted``.
 - ``GET /api/public/projects``: what ``Langfuse.auth_check()`` calls; one project.
@@ -108,6 +109,8 @@ SECRET_KEY = "sk-lf-test"
 
 _OTLP_PATH = "/api/public/otel/v1/traces"
 _SCORES_PATH = "/api/public/scores"
+#: SDK 4 sends scores as ``score-create`` events of the batch ingestion API.
+_INGESTION_PATH = "/api/public/ingestion"
 _PROJECTS_PATH = "/api/public/projects"
 
 _OBSERVATION_METADATA = "langfuse.observation.metadata"
@@ -637,6 +640,8 @@ class CaptureServer:
             return self._export(route, headers, body, self._store_spans)
         if method == "POST" and route == _SCORES_PATH:
             return self._export(route, headers, body, self._store_scores)
+        if method == "POST" and route == _INGESTION_PATH:
+            return self._export(route, headers, body, self._store_ingestion_batch)
         self._note_unhandled(f"{method} {path}: no such endpoint")
         return _json_reply(404, {"message": f"{method} {route} is not served by CaptureServer"})
 
@@ -677,6 +682,21 @@ class CaptureServer:
         with self._lock:
             self._scores.extend(scores)
         return _json_reply(202, {"message": "Accepted"})
+
+    def _store_ingestion_batch(self, body: bytes, headers: Mapping[str, str]) -> _Reply:
+        """SDK 4's scores: ``{"batch": [{"id", "type": "score-create", "body"}...]}``,
+        answered ``207`` with a success per event, as Langfuse does."""
+        events = json.loads(body)["batch"]
+        scores = []
+        for event in events:
+            if event.get("type") == "score-create":
+                scores.append(_score_from_json(event["body"]))
+            else:
+                self._note_unhandled(f"POST {_INGESTION_PATH}: event {event.get('type')!r}")
+        with self._lock:
+            self._scores.extend(scores)
+        successes = [{"id": event.get("id"), "status": 201} for event in events]
+        return _json_reply(207, {"successes": successes, "errors": []})
 
     def _note_unhandled(self, description: str) -> None:
         with self._lock:
