@@ -315,10 +315,8 @@ def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
     ) as worker:
         done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(3)]
         assert [r.get(timeout=30) for r in done] == [0, 1, 2]
-        capture.wait_for(
-            lambda s: len([o for o in s.observations if o.name.startswith("llm ")]) == 3,
-            timeout=10,
-        )
+        # Sent before the kill: the runs and their generations.
+        capture.wait_for(lambda s: user_observations(s, done, "llm_call", "llm {n}")[0] == 3, 20)
         doomed = tasks_app.report_pid_and_sleep.apply_async((pid_key, 60), queue=worker.queue)
         sigkill_the_child_running(doomed, pid_key, worker)
         worker.stop()
