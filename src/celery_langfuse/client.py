@@ -686,9 +686,16 @@ def start_observation(
     if input is not None:
         attributes[_INPUT] = _json(input, mask)
     if metadata:
-        # The whole object in one attribute: Langfuse reads it as the metadata and
-        # overlays any `langfuse.observation.metadata.<key>` set later.
-        attributes[_METADATA] = _encode(metadata if mask is None else _masked(metadata, mask))
+        masked = metadata if mask is None else _masked(metadata, mask)
+        if recorder is not None and type(masked) is dict:
+            # Kept as a dict: the export thread writes it a key an attribute, as the SDK
+            # does (otlp.METADATA), off the task's thread.
+            attributes[_METADATA] = masked
+        elif type(masked) is dict:
+            for key, value in masked.items():  # the SDK's span: as the SDK writes it
+                attributes[f"{_METADATA}.{key}"] = _metadata_value(value)
+        else:
+            attributes[_METADATA] = _encode(masked)  # a mask that made it a non-dict
     if level is not None:
         attributes[_LEVEL] = level
     if status_message is not None:

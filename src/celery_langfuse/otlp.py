@@ -86,11 +86,21 @@ _short_fields: dict[tuple[bytes, str, Any], bytes] = {}
 _SHORT = 40
 
 
+#: A lean span's metadata, given when it starts, as a dict: written as the SDK writes
+#: an observation's metadata, one ``langfuse.observation.metadata.<key>`` attribute a
+#: key with the installed SDK's encoding of the value (``_sdk.metadata_encoder``), here
+#: on the export thread rather than on the task's.
+METADATA = "langfuse.observation.metadata"
+
+
 def attributes(tag: bytes, values: Mapping[str, Any]) -> bytes:
     """Repeated ``KeyValue`` fields under ``tag``; None values are left out."""
     parts = []
     for key, value in values.items():  # a loop: this runs for every span
         if value is None:
+            continue
+        if key == METADATA and type(value) is dict:
+            parts.append(_metadata_attributes(tag, value))
             continue
         kind = type(value)
         if kind is bool or (kind is str and len(value) <= _SHORT):
@@ -175,3 +185,26 @@ def encode_request(scope: tuple[bytes, bytes], spans: Sequence[bytes]) -> bytes:
     resource, instrumentation_scope = scope
     scope_spans = _field(b"\x12", instrumentation_scope + b"".join(spans))
     return _field(b"\x0a", resource + scope_spans)
+
+
+def _metadata_attributes(tag: bytes, metadata: Mapping[str, Any]) -> bytes:
+    # Not through the short-field cache: metadata values (task ids ...) rarely recur.
+    encode = _metadata_encoder()
+    parts = []
+    for key, value in metadata.items():
+        encoded = encode(value)
+        if encoded is not None:
+            parts.append(_field(tag, _key_value(f"{METADATA}.{key}", encoded)))
+    return b"".join(parts)
+
+
+_encoder: Any = None
+
+
+def _metadata_encoder() -> Any:
+    global _encoder
+    if _encoder is None:
+        from . import _sdk
+
+        _encoder = _sdk.installed().metadata_encoder()
+    return _encoder
