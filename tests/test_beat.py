@@ -46,12 +46,14 @@ def new_queue() -> str:
 
 
 def cron_traces(server: CaptureServer, entry: str, task: str) -> list[Trace]:
-    """Traces of ``entry`` whose root and worker run both arrived, oldest first."""
+    """Traces of ``entry`` whose root, publish and worker run all arrived (beat sends
+    its root and its publish on different exporters' timers), oldest first."""
     complete = [
         trace
         for trace in server.traces()
         if trace.name == entry
         and trace.find_all(f"cron {entry}")
+        and trace.find_all(f"publish {task}")
         and trace.find_all(task)
         and {score.name for score in trace.scores} >= {"cron_success"}
     ]
