@@ -120,6 +120,15 @@ class TracingConfig:
         the same secret (other messages still run and are traced, in a trace of
         their own or continuing their W3C ``traceparent``). For a worker consuming a
         queue other services publish to. Never shown in errors or ``doctor``.
+    log_trace_ids:
+        Log records made while an observation is current carry ``langfuse_trace_id``
+        and ``langfuse_observation_id`` (empty strings elsewhere), for log formats and
+        structured loggers (see ``trace_logs.py``); runs set
+        ``task.request.langfuse_trace_id``.
+    project_id:
+        The Langfuse project id (in the project's URL and settings), so runs can set
+        ``task.request.langfuse_trace_url``; unset, no URL is given (finding it would
+        take an API call).
     """
 
     enabled: bool = True
@@ -144,6 +153,8 @@ class TracingConfig:
     durable_queue: str = "celery-langfuse"
     durable_max_bytes: int = 256 * 1024 * 1024
     producer_secret: Optional[str] = field(default=None, repr=False)
+    log_trace_ids: bool = True
+    project_id: Optional[str] = None
 
     #: Compiled from the settings above: task-name rules and sampling decisions.
     policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
@@ -413,6 +424,7 @@ def _shown(value: Any, setting: _Setting) -> str:
     return shown_secret(value) if setting.secret else repr(value)
 
 
+_PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _BOOL = "true or false"
 _PATTERNS = "a list of task name patterns (fnmatch), comma-separated in the environment"
@@ -518,6 +530,13 @@ _SETTINGS: tuple[_Setting, ...] = (
         SECRET_ALLOWED,
         str.strip,
         secret=True,
+    ),
+    _Setting("log_trace_ids", lambda v: isinstance(v, bool), _BOOL, _parse_bool),
+    _Setting(
+        "project_id",
+        lambda v: v is None or (isinstance(v, str) and _PROJECT_ID.fullmatch(v) is not None),
+        "a Langfuse project id: 1 to 100 letters, digits, '_' or '-'",
+        str.strip,
     ),
 )
 

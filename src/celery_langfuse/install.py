@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import client, export, publish
+from . import client, export, publish, trace_logs
 from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
@@ -110,8 +110,11 @@ def _flush_before_exit(**_: Any) -> None:
 
 def _warm_up(**_: Any) -> None:
     """Prepare how observations are sent (and the client, where one is needed) when a
-    pool process starts (prefork children, the solo pool), before it takes tasks."""
+    pool process starts (prefork children, the solo pool), before it takes tasks; and
+    check that log records still carry the trace ids (a logging setup made since
+    install() may have replaced the record factory)."""
     client.warm_up()
+    trace_logs.ensure_record_factory()
 
 
 def _prepare_worker(**_: Any) -> None:
@@ -119,6 +122,7 @@ def _prepare_worker(**_: Any) -> None:
     process's exporter needs, once, for prefork children to inherit."""
     if client.langfuse_keys_configured():
         export.load_sender()
+    trace_logs.ensure_record_factory()
 
 
 _PROCESS_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
@@ -217,6 +221,7 @@ def _apply_process_settings() -> None:
         _disconnect(_process_connections)
         publish.policy = None
         publish.signing_key = None
+        trace_logs.uninstall_record_factory()
         return
     if not _process_connections:
         _connect(_process_connections, *_PROCESS_HANDLERS)
@@ -228,6 +233,10 @@ def _apply_process_settings() -> None:
         first.flush_at, first.flush_interval, _durable_export(first)
     )
     client.exit_flush_timeout = max(i.config.flush_timeout for i in active)
+    if any(i.config.log_trace_ids for i in active):
+        trace_logs.install_record_factory()
+    else:
+        trace_logs.uninstall_record_factory()
 
 
 def _durable_export(config: TracingConfig) -> Optional[client.DurableExport]:

@@ -42,7 +42,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import client, headers, sampling
+from . import client, headers, sampling, trace_logs
 from .config import TracingConfig
 from .logs import warn_rate_limited
 from .payload import describe_exception
@@ -253,6 +253,9 @@ class WorkerTracing:
         self._recorded_losses: OrderedDict[str, None] = OrderedDict()
         secret = config.producer_secret
         self._producer_key = secret.encode() if secret else None
+        #: Runs tell ``task.request`` their trace id (and URL, with ``project_id``).
+        self._request_ids = config.log_trace_ids
+        self._trace_url_prefix = trace_logs.trace_url_prefix(config.project_id)
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -434,6 +437,16 @@ class WorkerTracing:
         except BaseException:
             scope.close()
             raise
+        if self._request_ids:
+            # Attribute stores and an f-string: no calls on the hot path.
+            request.langfuse_trace_id = run.trace_id
+            prefix = self._trace_url_prefix
+            request.langfuse_trace_url = (
+                f"{prefix}{run.trace_id}"
+                if prefix and run.trace_id
+                and (run.observation is not None or run.sampled_out is not None)
+                else None
+            )
         for stale in self.runs.push(task_id, run):
             warn_rate_limited(
                 log, "evicted", "celery-langfuse: more than %d runs open; closing the oldest",
