@@ -105,6 +105,8 @@ def test_every_setting_can_be_read_from_its_own_variable(monkeypatch: pytest.Mon
         "DURABLE_QUEUE": "project-a",
         "DURABLE_MAX_BYTES": "2097152",
         "PRODUCER_SECRET": "env-producer-secret-0123",
+        "LOG_TRACE_IDS": "no",
+        "PROJECT_ID": "cl-project-1",
     }
     for name, value in values.items():
         monkeypatch.setenv(f"CELERY_LANGFUSE_{name}", value)
@@ -125,6 +127,7 @@ def test_every_setting_can_be_read_from_its_own_variable(monkeypatch: pytest.Mon
     assert (config.export, config.durable_url) == ("durable", "redis://queue-host:6379/3")
     assert (config.durable_queue, config.durable_max_bytes) == ("project-a", 2 * 1024 * 1024)
     assert config.producer_secret == "env-producer-secret-0123"
+    assert (config.log_trace_ids, config.project_id) == (False, "cl-project-1")
     settable = {name for name in SETTING_NAMES if name not in ("sampler", "mask")}
     assert {config.source_of(name) for name in settable} == {
         f"CELERY_LANGFUSE_{name}" for name in values

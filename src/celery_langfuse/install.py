@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import client, export, publish, trace_logs
+from . import client, export, publish, sampling, trace_logs
 from .beat import BeatTracing
 from .config import TracingConfig
 from .publish import on_before_task_publish
@@ -220,6 +220,7 @@ def _apply_process_settings() -> None:
     if not active:
         _disconnect(_process_connections)
         publish.policy = None
+        sampling.process_policy = None
         publish.signing_key = None
         trace_logs.uninstall_record_factory()
         return
@@ -228,6 +229,7 @@ def _apply_process_settings() -> None:
         client.flush_before_sigterm()
     first = active[0].config
     publish.policy = first.policy
+    sampling.process_policy = first.policy
     publish.signing_key = first.producer_secret.encode() if first.producer_secret else None
     client.client_settings = client.ClientSettings(
         first.flush_at, first.flush_interval, _durable_export(first)

@@ -10,8 +10,12 @@ made once, by whoever starts the trace, and travels with it as the W3C sampled f
   or the global rate);
 - everything downstream (nested tasks, chains, retries, the user's own observations
   inside a run) follows the flag of its parent, so a trace is whole or absent;
-- a trace someone else started (a web request, the user's own observation, an OTel
-  producer) is never cut: its recorded parent's decision stands.
+- a web request or a beat run that starts a trace decides by the same rule
+  (:func:`sample_entry`; beat with its own app's policy), naming itself as the web
+  request's ``METHOD /path`` or the beat entry's task; a failure there is kept as in
+  a worker;
+- a trace someone else started (the user's own observation, an OTel producer, a
+  caller's ``traceparent``) is never cut: its recorded parent's decision stands.
 
 Task-name rules (exclusion, per-pattern rates, capture off by pattern) are fnmatch
 patterns compiled once and resolved once per task name, so the per-task cost is a
@@ -64,8 +68,13 @@ class SamplingContext:
     task_name: str
     args: Sequence[Any]
     kwargs: Mapping[str, Any]
-    #: The message's custom headers (``task.request.headers``), read-only by contract.
+    #: The message's custom headers (``task.request.headers``), or a web request's
+    #: headers; read-only by contract.
     headers: Mapping[str, Any]
+    #: Where the trace starts: ``"task"`` (a worker run; ``task_name`` is the task),
+    #: ``"web"`` (``task_name`` is ``METHOD /path``) or ``"beat"`` (``task_name`` is
+    #: the schedule entry's task).
+    entry: str = "task"
 
 
 #: ``sampler(context)``: a rate from 0 to 1 applied to the trace id, or True/False.
@@ -125,6 +134,7 @@ class TaskPolicy:
         args: Sequence[Any] = (),
         kwargs: Optional[Mapping[str, Any]] = None,
         headers: Optional[Mapping[str, Any]] = None,
+        entry: str = "task",
     ) -> bool:
         """Whether a trace that starts with a run of ``task_name`` is kept.
 
@@ -134,7 +144,7 @@ class TaskPolicy:
         """
         rate = self.rules(task_name).sample_rate
         if rate is None and self.sampler is not None:
-            decision = self._ask_sampler(task_name, args, kwargs or {}, headers or {})
+            decision = self._ask_sampler(task_name, args, kwargs or {}, headers or {}, entry)
             if isinstance(decision, bool):
                 return decision
             rate = decision
@@ -146,10 +156,11 @@ class TaskPolicy:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         headers: Mapping[str, Any],
+        entry: str,
     ) -> Optional[Union[float, bool]]:
         assert self.sampler is not None
         try:
-            decision = self.sampler(SamplingContext(task_name, args, kwargs, headers))
+            decision = self.sampler(SamplingContext(task_name, args, kwargs, headers, entry))
         except Exception:
             warn_rate_limited(
                 log, "sampler", "celery-langfuse: sampler raised; using sample_rate for %s",
@@ -174,6 +185,27 @@ class TaskPolicy:
             sample_rate=rate,
             capture=not self._capture_excluded.match(task_name),
         )
+
+
+#: The task rules of the process's first installed app (set by ``install``, like
+#: ``publish.policy``): how a web request that starts a trace is sampled. None while no
+#: app is installed: every such trace is kept, as before sampling reached the web.
+process_policy: Optional[TaskPolicy] = None
+
+
+def sample_entry(trace_id: str, name: str, headers: Mapping[str, Any], entry: str) -> bool:
+    """Whether a trace that starts at ``entry`` ("web"), named ``name``, is kept: the
+    process policy's rule for new traces (:meth:`TaskPolicy.sample_new_trace`)."""
+    policy = process_policy
+    if policy is None:
+        return True
+    return policy.sample_new_trace(trace_id, name, (), {}, headers, entry=entry)
+
+
+def keeps_failures() -> bool:
+    """Whether a failure in a sampled-out trace started at an entry point is recorded."""
+    policy = process_policy
+    return True if policy is None else policy.keep_failures
 
 
 _NOTHING = re.compile(r"(?!)")

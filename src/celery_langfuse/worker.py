@@ -139,8 +139,12 @@ class Run:
     cron: Optional[CronHealth] = None
 
     def score_cron(self, *, success: Optional[bool], comment: Optional[str] = None) -> None:
-        """Record the cron health scores, if beat started this run and it is traced."""
-        if self.cron is not None and self.trace_id is not None:
+        """Record the cron health scores, if beat started this run and it is traced:
+        recorded, or (a failure) kept from a sampled-out trace. A score on a trace
+        Langfuse never receives would make an empty trace of it."""
+        if self.cron is None or self.trace_id is None:
+            return
+        if self.observation is not None or (self.sampled_out is not None and success is False):
             self.cron.score(self.trace_id, success=success, comment=comment)
 
 
