@@ -107,6 +107,8 @@ def test_every_setting_can_be_read_from_its_own_variable(monkeypatch: pytest.Mon
         "PRODUCER_SECRET": "env-producer-secret-0123",
         "LOG_TRACE_IDS": "no",
         "PROJECT_ID": "cl-project-1",
+        "LINKED_TRACE_TASKS": "proj.fan.*",
+        "MAX_TRACE_OBSERVATIONS": "500",
     }
     for name, value in values.items():
         monkeypatch.setenv(f"CELERY_LANGFUSE_{name}", value)
@@ -128,6 +130,7 @@ def test_every_setting_can_be_read_from_its_own_variable(monkeypatch: pytest.Mon
     assert (config.durable_queue, config.durable_max_bytes) == ("project-a", 2 * 1024 * 1024)
     assert config.producer_secret == "env-producer-secret-0123"
     assert (config.log_trace_ids, config.project_id) == (False, "cl-project-1")
+    assert (config.linked_trace_tasks, config.max_trace_observations) == (("proj.fan.*",), 500)
     settable = {name for name in SETTING_NAMES if name not in ("sampler", "mask")}
     assert {config.source_of(name) for name in settable} == {
         f"CELERY_LANGFUSE_{name}" for name in values

@@ -129,6 +129,18 @@ class TracingConfig:
         The Langfuse project id (in the project's URL and settings), so runs can set
         ``task.request.langfuse_trace_url``; unset, no URL is given (finding it would
         take an API call).
+    linked_trace_tasks:
+        fnmatch patterns of tasks that, published inside a trace, start a trace of
+        their own linked to it (fan-out): the new trace keeps user, session and tags,
+        and its metadata names the parent trace and observation; the publish
+        observation names the new trace. A pattern matching no registered task is an
+        error at ``install()`` once the app's tasks are registered, else a warning when
+        the worker is ready. Per call: header ``x-langfuse-linked-trace: "1"`` (or
+        ``"0"`` to stay in the caller's trace).
+    max_trace_observations:
+        Past this many observations recorded in one trace by one process, tasks that
+        process publishes in that trace start linked traces (one warning); None: no
+        limit.
     """
 
     enabled: bool = True
@@ -155,6 +167,8 @@ class TracingConfig:
     producer_secret: Optional[str] = field(default=None, repr=False)
     log_trace_ids: bool = True
     project_id: Optional[str] = None
+    linked_trace_tasks: Sequence[str] = ()
+    max_trace_observations: Optional[int] = 10_000
 
     #: Compiled from the settings above: task-name rules and sampling decisions.
     policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
@@ -176,7 +190,9 @@ class TracingConfig:
             )
         # Normalised so that equal settings compare equal, however they were given.
         object.__setattr__(self, "task_sample_rates", dict(self.task_sample_rates))
-        for name in ("exclude_tasks", "capture_exclude_tasks", "redact_keys"):
+        for name in (
+            "exclude_tasks", "capture_exclude_tasks", "redact_keys", "linked_trace_tasks"
+        ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.preset is not None:
             object.__setattr__(self, "preset", PRESET_ALIASES[self.preset.lower()])
@@ -190,6 +206,7 @@ class TracingConfig:
                 sample_rate=self.sample_rate,
                 sampler=self.sampler,
                 keep_failures=self.keep_failures,
+                linked_trace_tasks=self.linked_trace_tasks,
             ),
         )
         object.__setattr__(
@@ -537,6 +554,13 @@ _SETTINGS: tuple[_Setting, ...] = (
         lambda v: v is None or (isinstance(v, str) and _PROJECT_ID.fullmatch(v) is not None),
         "a Langfuse project id: 1 to 100 letters, digits, '_' or '-'",
         str.strip,
+    ),
+    _Setting("linked_trace_tasks", _is_patterns, _PATTERNS, _parse_list),
+    _Setting(
+        "max_trace_observations",
+        lambda v: v is None or (_is_int(v) and v >= 10),
+        "a whole number of at least 10, or None for no limit ('none' in the environment)",
+        lambda raw: None if raw.strip().lower() in ("none", "off") else _parse_int(raw),
     ),
 )
 

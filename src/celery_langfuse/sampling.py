@@ -89,6 +89,8 @@ class TaskRules:
     #: The rate of the first ``task_sample_rates`` pattern that matches, if any.
     sample_rate: Optional[float]
     capture: bool
+    #: Published inside a trace, the task starts a linked trace (``linked_trace_tasks``).
+    linked: bool = False
 
 
 class TaskPolicy:
@@ -103,12 +105,14 @@ class TaskPolicy:
         sample_rate: float,
         sampler: Optional[Sampler],
         keep_failures: bool,
+        linked_trace_tasks: Sequence[str] = (),
     ) -> None:
         self.sample_rate = sample_rate
         self.sampler = sampler
         self.keep_failures = keep_failures
         self._excluded = _compile_any(exclude_tasks)
         self._capture_excluded = _compile_any(capture_exclude_tasks)
+        self._linked = _compile_any(linked_trace_tasks)
         self._rates = [
             (_compile_any([pattern]), rate) for pattern, rate in task_sample_rates.items()
         ]
@@ -184,6 +188,7 @@ class TaskPolicy:
             traced=not self._excluded.match(task_name),
             sample_rate=rate,
             capture=not self._capture_excluded.match(task_name),
+            linked=bool(self._linked.match(task_name)),
         )
 
 
@@ -206,6 +211,50 @@ def keeps_failures() -> bool:
     """Whether a failure in a sampled-out trace started at an entry point is recorded."""
     policy = process_policy
     return True if policy is None else policy.keep_failures
+
+
+class TraceSizeGuard:
+    """Counts the observations this process records in each trace, so that a runaway
+    fan-out can be cut into linked traces (``max_trace_observations``).
+
+    Per process and approximate (no lock: a lost increment under a race only moves the
+    cut by one); the oldest traces are forgotten past ``MAX_COUNTED_TRACES``, so the
+    memory is bounded. Counting is a dictionary update, no function call.
+    """
+
+    def __init__(self, limit: Optional[int]) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self._warned = False
+
+    def over(self, trace_id: str) -> bool:
+        """Count one more observation in ``trace_id``; whether the trace is now past
+        the limit (the first time, one warning says what happens from here)."""
+        counts = self.counts
+        count = counts.get(trace_id, 0) + 1
+        if count == 1 and len(counts) >= MAX_COUNTED_TRACES:
+            del counts[next(iter(counts))]
+        counts[trace_id] = count
+        if self.limit is None or count <= self.limit:
+            return False
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "celery-langfuse: trace %s has more than %d observations from this process "
+                "(max_trace_observations); tasks it publishes from now on start linked "
+                "traces (logged once per process)",
+                trace_id,
+                self.limit,
+            )
+        return True
+
+
+#: Traces a guard counts at once; past it the oldest is forgotten.
+MAX_COUNTED_TRACES = 4096
+
+#: The process's guard, set by ``install`` from the first installed app's
+#: ``max_trace_observations``: publishes and runs of every app count in it.
+trace_guard = TraceSizeGuard(None)
 
 
 _NOTHING = re.compile(r"(?!)")

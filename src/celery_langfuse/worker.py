@@ -260,6 +260,7 @@ class WorkerTracing:
         #: Runs tell ``task.request`` their trace id (and URL, with ``project_id``).
         self._request_ids = config.log_trace_ids
         self._trace_url_prefix = trace_logs.trace_url_prefix(config.project_id)
+        self._trace_counts = sampling.trace_guard.counts
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -468,16 +469,22 @@ class WorkerTracing:
         # current: a recorded run is started under the remote parent directly and
         # attaches its own observation's context instead.
         remote = parent
+        linked = False
         if parent is not None:
             trace_id: Optional[str] = parent.trace_id
             sampled = parent.sampled
+        elif start.extracted.link_trace_id is not None:
+            # A linked trace (fan-out): the publisher, whose trace is kept, chose its id.
+            trace_id, sampled, linked = start.extracted.link_trace_id, True, True
         else:
             current = otel_trace.get_current_span().get_span_context()
             # An eager run inside the caller's observation continues its trace.
             trace_id = format(current.trace_id, "032x") if current.is_valid else None
             sampled = current.trace_flags.sampled
-        new_trace = traced and trace_id is None
-        if new_trace:
+        new_trace = traced and (trace_id is None or linked)
+        if linked and new_trace:
+            attributes = replace(attributes, trace_name=attributes.trace_name or start.task_name)
+        elif new_trace:
             # The run starts a trace: its id is drawn first so the decision is made from
             # it. A kept trace is named after the task unless the producer named it (a
             # sampled-out one skips that cost: a failure kept from it is its root anyway).
@@ -509,6 +516,12 @@ class WorkerTracing:
             )
             scope.callback(client.Observation.end, observation)
             scope.attach(client.context_with(observation, ctx, trace_id))
+            # Counted for max_trace_observations (sampling.TraceSizeGuard), inline: a
+            # dictionary update and a bound, no call on the hot path.
+            counts = self._trace_counts
+            counts[trace_id] = counts.get(trace_id, 0) + 1
+            if len(counts) > sampling.MAX_COUNTED_TRACES:
+                del counts[next(iter(counts))]
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
         if remote is not None:
             scope.attach(remote.context())
