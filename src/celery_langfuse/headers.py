@@ -64,6 +64,9 @@ LINKED_TRACE = "x-langfuse-linked-trace"
 #: Written instead of a parent: the id of the trace this message starts, linked to the
 #: publishing trace (whose ids travel in the trace metadata).
 LINK_TRACE_ID = "x-langfuse-link-trace-id"
+#: Added by a worker's main process to the request of a message it saw lost and now
+#: receives again (never published): ``<attempt>:<lost run's observation id>``.
+REDELIVERY = "x-langfuse-redelivery"
 #: Sent by internal HTTP callers only (never in a Celery message, never in
 #: :data:`ALL_HEADERS`, so nothing that forwards those headers forwards the secret).
 TRUST_SECRET = "x-langfuse-trust-secret"
@@ -337,6 +340,22 @@ def signed_by(headers: Mapping[str, Any], key: bytes) -> bool:
     if not isinstance(received, str) or len(received) != 64 or not received.isascii():
         return False
     return hmac.compare_digest(received, signature(headers, key))
+
+
+_REDELIVERY_RE = re.compile(r"([0-9]{1,6}):([0-9a-f]{16})?")
+
+
+def redelivery_value(attempt: int, lost_observation_id: Optional[str]) -> str:
+    """The :data:`REDELIVERY` value for a run's ``attempt`` after a lost one."""
+    return f"{attempt}:{lost_observation_id or ''}"
+
+
+def read_redelivery(raw: Any) -> Optional[tuple[int, Optional[str]]]:
+    """``(attempt, lost observation id or None)`` from a :data:`REDELIVERY` value."""
+    match = _REDELIVERY_RE.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2)
 
 
 def secret_matches(received: Any, secret: str) -> bool:

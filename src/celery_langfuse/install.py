@@ -69,6 +69,7 @@ class Installation:
             (signals.task_revoked, self._for_app(worker.on_task_revoked)),
             (signals.task_unknown, self._for_app(worker.on_task_unknown)),
             (signals.task_rejected, self._for_app(worker.on_task_rejected)),
+            (signals.task_received, self._for_app(worker.on_task_received)),
             (signals.worker_ready, self._for_app(self._check_linked_trace_tasks)),
             (signals.beat_init, self.beat.on_beat_init),
             (signals.beat_embedded_init, self.beat.on_beat_embedded_init),

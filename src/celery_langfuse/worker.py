@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
@@ -148,6 +148,15 @@ class Run:
             self.cron.score(self.trace_id, success=success, comment=comment)
 
 
+class LostRun(NamedTuple):
+    """A run the main worker process recorded as lost (its pool process died)."""
+
+    attempt: int
+    observation_id: Optional[str]
+    #: Set once the message was delivered to this process again.
+    redelivered: bool = False
+
+
 @dataclass(frozen=True)
 class CronHealth:
     """What a run started by celery beat reports when it ends."""
@@ -254,7 +263,7 @@ class WorkerTracing:
         self.runs = RunRegistry(config.max_open_runs)
         #: Task ids whose lost run the main process recorded: Celery may report one
         #: loss twice (a hard time limit: by its timeout handler, then by the pool).
-        self._recorded_losses: OrderedDict[str, None] = OrderedDict()
+        self._recorded_losses: OrderedDict[str, LostRun] = OrderedDict()
         secret = config.producer_secret
         self._producer_key = secret.encode() if secret else None
         #: Runs tell ``task.request`` their trace id (and URL, with ``project_id``).
@@ -295,15 +304,23 @@ class WorkerTracing:
         if run is None and isinstance(exception, _PROCESS_DIED) and task_id:
             # Sent in the main worker process: the pool child that ran the task was
             # killed (SIGKILL, OOM, hard time limit) and its open run died with it.
-            if not self._first_report_of_loss(task_id):
+            attempt = self._first_report_of_loss(task_id)
+            if attempt is None:
                 return
-            self._record_unrun(
+            extra: dict[str, Any] = {"attempt": attempt}
+            if getattr(sender, "acks_late", False) and getattr(
+                sender, "reject_on_worker_lost", False
+            ):
+                extra["will_be_redelivered"] = True
+            lost = self._record_unrun(
                 getattr(sender, "name", None) or "task",
                 _request_headers(sender, task_id),
                 task_id,
                 "ERROR",
                 f"the process running it died: {describe_exception(exception)}",
+                extra,
             )
+            self._recorded_losses[task_id] = LostRun(attempt, lost.id if lost else None)
             return
         if run is None or einfo is None:
             return
@@ -311,14 +328,63 @@ class WorkerTracing:
             traceback = str(getattr(einfo, "traceback", "") or "")
             run.traceback = traceback[-self.config.max_payload_chars :]
 
-    def _first_report_of_loss(self, task_id: str) -> bool:
+    def _first_report_of_loss(self, task_id: str) -> Optional[int]:
+        """The attempt number of a lost run on its first report; None for a repeated
+        report of the same loss (Celery reports a hard time limit twice)."""
         losses = self._recorded_losses
-        if task_id in losses:
-            return False
-        losses[task_id] = None
+        known = losses.get(task_id)
+        if known is not None and not known.redelivered:
+            return None
+        attempt = 1 if known is None else known.attempt + 1
+        losses[task_id] = LostRun(attempt, None)
+        losses.move_to_end(task_id)
         if len(losses) > _REMEMBERED_LOSSES:
             losses.popitem(last=False)
-        return True
+        return attempt
+
+    def on_task_received(self, request: Any = None, **_: Any) -> None:
+        """``task_received``, in the main worker process: a message delivered again
+        (``acks_late`` with ``task_reject_on_worker_lost``, or a worker that died with it
+        unacknowledged). Celery reports no failure when it requeues a lost run, so the
+        earlier delivery is recorded here, unless this process already recorded it as
+        lost; the request then tells the pool process the new run's attempt number and
+        that observation, which the new run records (``_previous_attempt``)."""
+        delivery_info = getattr(request, "delivery_info", None)
+        if not delivery_info or not delivery_info.get("redelivered"):
+            return
+        try:
+            self._note_redelivery(request)
+        except Exception:
+            warn_rate_limited(
+                log, "redelivery", "celery-langfuse: could not record a redelivered task"
+            )
+
+    def _note_redelivery(self, request: Any) -> None:
+        task_id = request.id
+        message_headers = request.request_dict
+        losses = self._recorded_losses
+        known = losses.get(task_id)
+        if known is not None and not known.redelivered and known.observation_id:
+            earlier = known  # recorded as lost by this process (task_failure)
+        else:
+            attempt = 1 if known is None else known.attempt + 1
+            recorded = self._record_unrun(
+                request.name,
+                message_headers,
+                task_id,
+                "WARNING",
+                "an earlier delivery did not finish: its pool process died (or its worker "
+                "stopped before running it); the message was delivered again",
+                {"attempt": attempt, "redelivered": True},
+            )
+            earlier = LostRun(attempt, recorded.id if recorded is not None else None)
+        losses[task_id] = earlier._replace(redelivered=True)
+        losses.move_to_end(task_id)
+        if len(losses) > _REMEMBERED_LOSSES:
+            losses.popitem(last=False)
+        message_headers[headers.REDELIVERY] = headers.redelivery_value(
+            earlier.attempt + 1, earlier.observation_id
+        )
 
     def on_task_postrun(
         self,
@@ -579,37 +645,43 @@ class WorkerTracing:
         task_id: Any,
         level: SpanLevel,
         status: str,
-    ) -> None:
+        extra_metadata: Optional[dict[str, Any]] = None,
+    ) -> Optional[client.Observation]:
+        """Record a message that never ran (or whose run died with its process); the
+        observation, if one was recorded."""
         try:
             if not self.config.policy.traces_task(task_name):
-                return
+                return None
             extracted = _extract(message_headers, task_id, self._producer_key)
             fields: dict[str, Any] = {
                 "name": task_name,
                 "level": level,
                 "status_message": self.config.payload.text(status),
-                "metadata": {"task_id": task_id, "hostname": _HOSTNAME},
+                "metadata": {"task_id": task_id, "hostname": _HOSTNAME, **(extra_metadata or {})},
             }
-            recorded_in = self._record_unrun_observation(extracted, task_name, fields, level)
-            if recorded_in is not None and extracted.cron is not None:
+            recorded = self._record_unrun_observation(extracted, task_name, fields, level)
+            if recorded is not None and extracted.cron is not None:
                 cron = CronHealth(
                     extracted.cron.entry, task_id, None, extracted.attributes.environment
                 )
-                cron.score(recorded_in, success=False, comment=fields["status_message"])
+                cron.score(recorded.trace_id, success=False, comment=fields["status_message"])
+            return recorded
         except Exception:
             warn_rate_limited(
                 log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id
             )
+            return None
 
     def _record_unrun_observation(
         self, extracted: headers.Extracted, task_name: str, fields: dict[str, Any], level: str
-    ) -> Optional[str]:
-        """Record a message that never ran; the trace id it went to, if recorded."""
+    ) -> Optional[client.Observation]:
+        """Record a message that never ran; its observation, if recorded."""
         parent = extracted.parent
         with client.propagated(extracted.attributes):
             if parent is not None and parent.sampled:
-                client.start_observation(context=parent.context(), **fields).end()
-                return parent.trace_id
+                observation = client.start_observation(context=parent.context(), **fields)
+                observation.end()
+                return observation
             if parent is not None:
                 trace_id, sampled = parent.trace_id, False
             else:
@@ -619,9 +691,9 @@ class WorkerTracing:
                 return None
             if not sampled:
                 fields["metadata"]["trace_sampled"] = False
-            with client.root_observation(trace_id, **fields):
+            with client.root_observation(trace_id, **fields) as observation:
                 pass
-            return trace_id
+            return observation
 
 
 _HOSTNAME = socket.gethostname()
@@ -683,6 +755,9 @@ def _run_metadata(
             metadata[key] = value
     if getattr(request, "is_eager", False):
         metadata["eager"] = True
+    if delivery_info.get("redelivered"):
+        metadata["redelivered"] = True
+        metadata.update(_previous_attempt(request))
     if published_at is not None:
         started = time.time() if now is None else now
         metadata["queue_wait_seconds"] = round(max(started - published_at, 0.0), 6)
@@ -719,6 +794,22 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         interrupted = sys.exc_info()[1]
         if interrupted is not None:
             observation.update(level="ERROR", status_message=_describe_interruption(interrupted))
+
+
+def _previous_attempt(request: Any) -> dict[str, Any]:
+    """What the main worker process said about the lost run a redelivered run repeats
+    (see ``WorkerTracing.on_task_received``): nothing when another worker recorded it."""
+    raw = _custom_headers(request).get(headers.REDELIVERY)
+    if raw is None:
+        raw = (getattr(request, "__dict__", None) or {}).get(headers.REDELIVERY)
+    parsed = headers.read_redelivery(raw)
+    if parsed is None:
+        return {}
+    attempt, lost_observation_id = parsed
+    recorded: dict[str, Any] = {"attempt": attempt}
+    if lost_observation_id:
+        recorded["lost_run_observation_id"] = lost_observation_id
+    return recorded
 
 
 def _pool_terminated_this_process() -> bool:

@@ -74,3 +74,17 @@ def fan_out_group(count: int) -> str:
 @app.task
 def fan_out_chord(count: int) -> str:
     return str(chord(leaf.s(i) for i in range(count))(total.s()).id)
+
+
+@app.task(acks_late=True, reject_on_worker_lost=True)
+def dies_once(key: str) -> int:
+    """Its pool process SIGKILLs itself on the first delivery; the message is delivered
+    again and that run returns the delivery count."""
+    import signal
+
+    from redis import Redis
+
+    deliveries = int(Redis.from_url(BROKER).incr(key))
+    if deliveries == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return deliveries
