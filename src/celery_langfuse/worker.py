@@ -137,6 +137,8 @@ class Run:
     #: Set for a run of a sampled-out trace whose failure would be kept.
     sampled_out: Optional[SampledOut] = None
     cron: Optional[CronHealth] = None
+    #: Set for a celery-batches run: the messages it processes, and when it began.
+    batch: Optional[Batch] = None
 
     def score_cron(self, *, success: Optional[bool], comment: Optional[str] = None) -> None:
         """Record the cron health scores, if beat started this run and it is traced:
@@ -146,6 +148,13 @@ class Run:
             return
         if self.observation is not None or (self.sampled_out is not None and success is False):
             self.cron.score(self.trace_id, success=success, comment=comment)
+
+
+class Batch(NamedTuple):
+    """A celery-batches run: one task run for many messages (``SimpleRequest``)."""
+
+    requests: list[Any]
+    started_ns: int
 
 
 class LostRun(NamedTuple):
@@ -398,6 +407,8 @@ class WorkerTracing:
         if run is None:
             return
         try:
+            if run.batch is not None:
+                self._record_batched_messages(run, run.batch, state)
             if run.observation is not None:
                 _record_outcome(run, state, retval, self.config)
             elif run.sampled_out is not None and state == states.FAILURE:
@@ -501,10 +512,19 @@ class WorkerTracing:
             captures=rules.capture and getattr(task, "langfuse_capture", True) is not False,
             cron=None if extracted.cron is None else _cron_health(extracted, task_id, request),
         )
+        batch = None
+        if _BATCH_TASK_TYPES.get(type(task)) is not False:  # a dict lookup, no call
+            batch = _batch_of(task, args)
+            if batch is not None:
+                start.args = [_describe_batched(request) for request in batch.requests]
         scope = RunScope()
         try:
             run = self._start(start, rules.traced, scope)
             run.cron = start.cron
+            if batch is not None:
+                run.batch = batch
+                if run.observation is not None:
+                    run.observation.update(metadata=_batch_metadata(batch))
         except BaseException:
             scope.close()
             raise
@@ -602,6 +622,47 @@ class WorkerTracing:
             return Run(None, scope, trace_id=trace_id)
         kept = SampledOut(start, trace_id, time.time(), time.time_ns())
         return Run(None, scope, trace_id=trace_id, sampled_out=kept)
+
+    def _record_batched_messages(self, run: Run, batch: Batch, state: Optional[str]) -> None:
+        """celery-batches: each message's own trace gets an observation, named after its
+        task and continued from its headers as its run would have been, saying which
+        batch run processed it (and, if the batch failed, that it failed)."""
+        failed = state == states.FAILURE
+        recorded = run.observation
+        named: dict[str, Any] = {}
+        if recorded is not None:
+            named = {"batch_trace_id": recorded.trace_id, "batch_observation_id": recorded.id}
+            if self._trace_url_prefix:
+                named["batch_trace_url"] = f"{self._trace_url_prefix}{recorded.trace_id}"
+        status = "the batch run that processed it failed" if failed else None
+        for request in batch.requests:
+            try:
+                name = getattr(request, "name", None) or "task"
+                if not self.config.policy.traces_task(name):
+                    continue
+                message_headers = _dict_headers(getattr(request, "request_dict", None))
+                fields: dict[str, Any] = {
+                    "name": name,
+                    "level": "ERROR" if failed else None,
+                    "status_message": status,
+                    "start_time_ns": batch.started_ns,
+                    "metadata": {
+                        "task_id": getattr(request, "id", None),
+                        "hostname": _HOSTNAME,
+                        "processed_in_batch": True,
+                        **named,
+                    },
+                }
+                self._record_unrun_observation(
+                    _extract(message_headers, fields["metadata"]["task_id"], self._producer_key),
+                    name,
+                    fields,
+                    "ERROR" if failed else "DEFAULT",
+                )
+            except Exception:
+                warn_rate_limited(
+                    log, "batch", "celery-langfuse: could not record a batched message"
+                )
 
     def _record_kept_failure(self, run: Run, kept: SampledOut, error: Any, status: str) -> None:
         """Record a failed run of a sampled-out trace as the root of its trace."""
@@ -794,6 +855,42 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         interrupted = sys.exc_info()[1]
         if interrupted is not None:
             observation.update(level="ERROR", status_message=_describe_interruption(interrupted))
+
+
+#: Task classes (keyed by type) that are, or are not, celery-batches ``Batches`` tasks.
+_BATCH_TASK_TYPES: dict[type, bool] = {}
+_MAX_BATCH_IDS = 50
+
+
+def _batch_of(task: Any, args: Any) -> Optional[Batch]:
+    """The messages of a celery-batches run (its one argument, a list of
+    ``SimpleRequest``), or None for any other task. celery-batches is recognised by
+    class name and module, so it is never imported here."""
+    kind = type(task)
+    is_batch = _BATCH_TASK_TYPES.get(kind)
+    if is_batch is None:
+        is_batch = any(
+            c.__name__ == "Batches" and c.__module__.startswith("celery_batches")
+            for c in kind.__mro__
+        )
+        _BATCH_TASK_TYPES[kind] = is_batch
+    if not is_batch or not args or not isinstance(args[0], list):
+        return None
+    return Batch(args[0], time.time_ns())
+
+
+def _describe_batched(request: Any) -> dict[str, Any]:
+    """What the batch run's input shows of one message."""
+    return {
+        "task_id": getattr(request, "id", None),
+        "args": getattr(request, "args", None),
+        "kwargs": getattr(request, "kwargs", None),
+    }
+
+
+def _batch_metadata(batch: Batch) -> dict[str, Any]:
+    ids = [getattr(request, "id", None) for request in batch.requests[:_MAX_BATCH_IDS]]
+    return {"batch_size": len(batch.requests), "batch_task_ids": ids}
 
 
 def _previous_attempt(request: Any) -> dict[str, Any]:
