@@ -14,7 +14,8 @@ import pytest
 from langfuse import get_client, propagate_attributes
 
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import flush_in_process, require_redis, worker_process
+from tests.conftest import flush_in_process, worker_process
+from tests.support.installed import support_app
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,10 +26,7 @@ MESSAGES = 100
 def test_a_batch_of_100_messages_is_one_run_and_each_message_trace_names_it(
     capture: CaptureServer, tmp_path: Path
 ) -> None:
-    require_redis()
-    from tests.support import batch_app
-
-    with worker_process(
+    with support_app("batch_app") as batch_app, worker_process(
         capture.env, "-P", "prefork", "-c", "1", tmp_path=tmp_path,
         module="tests.support.batch_app",
     ) as worker:

@@ -9,6 +9,7 @@ server. Slow by nature (a few thousand messages and observations): about a minut
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from celery import chord, group
 from langfuse import get_client
 
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import flush_in_process, require_redis, worker_process
+from tests.conftest import flush_in_process, worker_process
+from tests.support.installed import support_app
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -27,11 +29,9 @@ LEAF, TOTAL, FAN_OUT_GROUP = (PREFIX + n for n in ("leaf", "total", "fan_out_gro
 
 
 @pytest.fixture
-def fanout(capture: CaptureServer) -> Any:
-    require_redis()
-    from tests.support import fanout_app
-
-    return fanout_app
+def fanout(capture: CaptureServer) -> Iterator[Any]:
+    with support_app("fanout_app") as module:
+        yield module
 
 
 def count(server: CaptureServer, name: str) -> int:

@@ -9,6 +9,7 @@ SDK in the test process, the capture server.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from celery_langfuse.headers import (
     signed_by,
 )
 from celery_langfuse.testing import CaptureServer, Observation, Trace
-from tests.conftest import flush_in_process, require_redis, worker_process
+from tests.conftest import flush_in_process, worker_process
+from tests.support.installed import support_app
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,11 +39,9 @@ FAN_OUT, LEAF, LINKED_LEAF, LINKED_FLAKY = (
 
 
 @pytest.fixture
-def fanout(capture: CaptureServer) -> Any:
-    require_redis()
-    from tests.support import fanout_app
-
-    return fanout_app
+def fanout(capture: CaptureServer) -> Iterator[Any]:
+    with support_app("fanout_app") as module:
+        yield module
 
 
 def fan_out_from_a_request(fanout: Any, queue: str, task_name: str, count: int) -> str:
@@ -51,6 +51,14 @@ def fan_out_from_a_request(fanout: Any, queue: str, task_name: str, count: int) 
             result = fanout.fan_out.apply_async((task_name, count), queue=queue)
     assert result.get(timeout=60) == count
     return request.trace_id
+
+
+def fanout_worker(capture: CaptureServer, tmp_path: Path, env: dict[str, str]) -> Any:
+    """A prefork worker (2 processes) of tests/support/fanout_app.py."""
+    return worker_process(
+        capture.env, "-P", "prefork", "-c", "2", env=env, tmp_path=tmp_path,
+        module="tests.support.fanout_app",
+    )
 
 
 def runs(capture: CaptureServer, name: str) -> list[Observation]:
@@ -83,10 +91,7 @@ def test_tasks_matching_a_pattern_start_linked_traces(
     fanout: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
     env = {"CELERY_LANGFUSE_TEST_LINKED": "*.linked_*"}
-    with worker_process(
-        capture.env, "-P", "prefork", "-c", "2", env=env, tmp_path=tmp_path,
-        module="tests.support.fanout_app",
-    ) as worker:
+    with fanout_worker(capture, tmp_path, env) as worker:
         trace_id = fan_out_from_a_request(fanout, worker.queue, LINKED_LEAF, 5)
         capture.wait_for_observations(5, name=LINKED_LEAF, timeout=60)
     flush_in_process()
@@ -107,10 +112,7 @@ def test_a_retry_of_a_linked_task_stays_in_its_linked_trace(
     fanout: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
     env = {"CELERY_LANGFUSE_TEST_LINKED": "*.linked_*"}
-    with worker_process(
-        capture.env, "-P", "prefork", "-c", "2", env=env, tmp_path=tmp_path,
-        module="tests.support.fanout_app",
-    ) as worker:
+    with fanout_worker(capture, tmp_path, env) as worker:
         trace_id = fan_out_from_a_request(fanout, worker.queue, LINKED_FLAKY, 2)
         capture.wait_for(lambda s: len(runs(s, LINKED_FLAKY)) >= 4, timeout=60)
     flush_in_process()
@@ -130,10 +132,7 @@ def test_past_max_trace_observations_further_tasks_start_linked_traces(
     fanout: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
     env = {"CELERY_LANGFUSE_MAX_TRACE_OBSERVATIONS": "10", "CELERY_LANGFUSE_TEST_LINKED": "no.*"}
-    with worker_process(
-        capture.env, "-P", "prefork", "-c", "2", env=env, tmp_path=tmp_path,
-        module="tests.support.fanout_app",
-    ) as worker:
+    with fanout_worker(capture, tmp_path, env) as worker:
         trace_id = fan_out_from_a_request(fanout, worker.queue, LEAF, 30)
         capture.wait_for_observations(30, name=LEAF, timeout=60)
         log_text = worker.log()

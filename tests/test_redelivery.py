@@ -19,7 +19,8 @@ from redis import Redis
 
 from celery_langfuse.headers import read_redelivery, redelivery_value
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import REDIS_URL, flush_in_process, require_redis, worker_process
+from tests.conftest import REDIS_URL, flush_in_process, worker_process
+from tests.support.installed import support_app
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -29,12 +30,9 @@ DIES_ONCE = "tests.support.fanout_app.dies_once"
 def test_a_run_whose_process_died_is_recorded_and_its_redelivery_marked_in_the_same_trace(
     capture: CaptureServer, tmp_path: Path
 ) -> None:
-    require_redis()
-    from tests.support import fanout_app
-
     key = f"fanout-dies-once-{uuid.uuid4().hex[:8]}"
     try:
-        with worker_process(
+        with support_app("fanout_app") as fanout_app, worker_process(
             capture.env, "-P", "prefork", "-c", "1", tmp_path=tmp_path,
             module="tests.support.fanout_app",
         ) as worker:

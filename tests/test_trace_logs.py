@@ -22,7 +22,8 @@ from langfuse import get_client
 from celery_langfuse import ConfigurationError, TracingConfig, add_trace_ids, trace_logs
 from celery_langfuse.testing import CaptureServer
 from celery_langfuse.web import LangfuseASGIMiddleware
-from tests.conftest import flush_in_process, in_thread_worker, require_redis, worker_process
+from tests.conftest import flush_in_process, in_thread_worker, worker_process
+from tests.support.installed import support_app
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -53,12 +54,10 @@ def lines() -> Iterator[Lines]:
 
 
 @pytest.fixture
-def log_app(capture: CaptureServer) -> Any:
-    require_redis()
-    from tests.support import log_app
-
-    log_app.app.control.purge()
-    return log_app
+def log_app(capture: CaptureServer) -> Iterator[Any]:
+    with support_app("log_app") as module:
+        module.app.control.purge()
+        yield module
 
 
 def test_records_logged_in_a_run_carry_its_trace_and_observation_ids(

@@ -165,15 +165,11 @@ def add_trace_ids(
 
 def trace_url_prefix(project_id: Optional[str]) -> Optional[str]:
     """``{base URL}/project/{project_id}/traces/``, or None without a project id. The
-    base URL is the client's, else ``LANGFUSE_BASE_URL`` / ``LANGFUSE_HOST`` as the SDK
-    reads them."""
+    base URL is ``LANGFUSE_BASE_URL`` / ``LANGFUSE_HOST`` as the SDK reads them (read at
+    ``install()``, which must create no client: a client made in code with another
+    ``base_url`` is not seen)."""
     if not project_id:
         return None
-    from .client import existing_client
-
-    client = existing_client()
-    base = getattr(client, "_base_url", None) if client is not None else None
-    if not isinstance(base, str) or not base:
-        env = os.environ
-        base = env.get("LANGFUSE_BASE_URL") or env.get("LANGFUSE_HOST") or _DEFAULT_BASE_URL
+    env = os.environ
+    base = env.get("LANGFUSE_BASE_URL") or env.get("LANGFUSE_HOST") or _DEFAULT_BASE_URL
     return f"{base.rstrip('/')}/project/{project_id}/traces/"

@@ -23,7 +23,8 @@ app.conf.update(
     worker_prefetch_multiplier=0,  # celery-batches needs every message prefetched
     result_expires=300,
 )
-install(app, project_id=PROJECT_ID)
+INSTALL_OPTIONS = {"project_id": PROJECT_ID}
+install(app, **INSTALL_OPTIONS)  # for a worker process; tests install and uninstall it
 
 
 @app.task(base=Batches, flush_every=100, flush_interval=5)

@@ -27,13 +27,13 @@ app.conf.update(
     worker_hijack_root_logger=False,
     result_expires=300,
 )
-install(
-    app,
-    project_id=PROJECT_ID,
-    linked_trace_tasks=[
+INSTALL_OPTIONS = {
+    "project_id": PROJECT_ID,
+    "linked_trace_tasks": [
         p for p in os.environ.get("CELERY_LANGFUSE_TEST_LINKED", "").split(",") if p
     ],
-)
+}
+install(app, **INSTALL_OPTIONS)  # for a worker process; tests install and uninstall it
 
 
 @app.task

@@ -28,7 +28,8 @@ app.conf.update(
     worker_task_log_format=TASK_LOG_FORMAT,
     result_expires=300,
 )
-install(app, project_id=PROJECT_ID)
+INSTALL_OPTIONS = {"project_id": PROJECT_ID}
+install(app, **INSTALL_OPTIONS)  # for a worker process; tests install and uninstall it
 
 log = logging.getLogger("tests.support.log_app")
 
