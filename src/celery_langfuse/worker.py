@@ -21,7 +21,14 @@ Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; no
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
 recorded as a short observation in the consumer process, so their trace shows why; so
 are runs whose pool process died (SIGKILL, out of memory, hard time limit), since their
-own observation died with that process.
+own observation died with that process. A message delivered again after its run was
+lost (``acks_late``) is recorded when the main process receives it again, and its new
+run says which attempt it is (``on_task_received``).
+
+A celery-batches run (one run for many messages) is one run observation in a trace of
+its own; when it ends, each message's trace gets an observation naming it.
+
+Runs store their trace id (and URL) on ``task.request`` for the task's own use.
 """
 
 from __future__ import annotations
