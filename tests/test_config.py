@@ -108,6 +108,10 @@ def test_every_setting_can_be_read_from_its_own_variable(monkeypatch: pytest.Mon
         "DURABLE_BUFFER_BYTES": "131072",
         "DURABLE_SPILL_DIR": "/var/spool/celery-langfuse",
         "DURABLE_SPILL_MAX_BYTES": "3145728",
+        "LOG_TRACE_IDS": "no",
+        "PROJECT_ID": "cl-project-1",
+        "LINKED_TRACE_TASKS": "proj.fan.*",
+        "MAX_TRACE_OBSERVATIONS": "500",
     }
     for name, value in values.items():
         monkeypatch.setenv(f"CELERY_LANGFUSE_{name}", value)
@@ -133,6 +137,8 @@ def test_every_setting_can_be_read_from_its_own_variable(monkeypatch: pytest.Mon
         config.durable_spill_dir,
         config.durable_spill_max_bytes,
     ) == (128 * 1024, "/var/spool/celery-langfuse", 3 * 1024 * 1024)
+    assert (config.log_trace_ids, config.project_id) == (False, "cl-project-1")
+    assert (config.linked_trace_tasks, config.max_trace_observations) == (("proj.fan.*",), 500)
     settable = {name for name in SETTING_NAMES if name not in ("sampler", "mask")}
     assert {config.source_of(name) for name in settable} == {
         f"CELERY_LANGFUSE_{name}" for name in values

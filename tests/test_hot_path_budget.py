@@ -16,6 +16,7 @@ The timed figures are in docs/benchmarks.md.
 from __future__ import annotations
 
 import gc
+import logging
 import statistics
 import sys
 import tracemalloc
@@ -26,8 +27,9 @@ from typing import Any, Callable
 import pytest
 from celery import Celery
 from langfuse import get_client
+from opentelemetry import context as otel_context
 
-from celery_langfuse import client, install, uninstall
+from celery_langfuse import client, install, trace_logs, uninstall
 from celery_langfuse.publish import on_before_task_publish
 from celery_langfuse.testing import CaptureServer
 
@@ -46,6 +48,9 @@ MEASURED = {
     "publish without a trace": 20,
     "run continuing a trace": 102,
     "run starting a trace": 194,
+    # Added by the trace ids on one log record made during a run (trace_logs.py): the
+    # record factory's calls; a run that logs nothing pays nothing.
+    "trace ids on a log record": 7,
 }
 #: A budget is the measured count times this (and at least 15 calls more): room for
 #: SDK patch releases and small changes, not for doubling the work.
@@ -265,3 +270,28 @@ def test_runs_leave_nothing_behind_once_exported(harness: Harness, capture: Capt
     per_run = (after - before) / 1000
     print(f"\nretained after 1000 runs and a flush: {per_run:.1f} bytes per run")
     assert per_run <= MAX_RETAINED_BYTES_PER_RUN
+
+
+def test_trace_ids_on_log_records_within_budget(harness: Harness) -> None:
+    logger = logging.getLogger("budget.logs")
+    logger.addHandler(logging.NullHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    observation = client.start_observation("budget.logging")
+    token = otel_context.attach(client.context_with(observation))
+    try:
+        with_ids = median_calls(lambda: logger.info("step"))
+        record = logging.getLogRecordFactory()("x", logging.INFO, "", 0, "m", (), None)
+        trace_logs.uninstall_record_factory()
+        try:
+            without_ids = median_calls(lambda: logger.info("step"))
+        finally:
+            trace_logs.install_record_factory()
+    finally:
+        otel_context.detach(token)
+        observation.end()
+    assert (record.langfuse_trace_id, record.langfuse_observation_id) == (
+        observation.trace_id,
+        observation.id,
+    )
+    within_budget("trace ids on a log record", with_ids - without_ids)

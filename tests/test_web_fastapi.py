@@ -186,7 +186,11 @@ def test_fastapi_own_tracing_is_reported_and_never_parents_the_request(
     from tests.support.web_apps import fastapi_traced_app
 
     _asgi._warned_about_framework_spans = False
-    client.get("/v1/items/start-the-client")  # FastAPI traces only once a provider exists
+    # FastAPI traces only once a tracer provider exists: the Langfuse client makes one
+    # (requests alone no longer do: their observations need no client).
+    from langfuse import get_client
+
+    get_client()
     with TestClient(fastapi_traced_app) as traced:
         traced.post("/orders/2", headers=USER)
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
     from .install import Installation, install, uninstall
     from .sampling import SamplingContext
+    from .trace_logs import add_trace_ids
 
 _EXPORTS = {
     "ConfigurationError": "config",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "install": "install",
     "uninstall": "install",
     "SamplingContext": "sampling",
+    "add_trace_ids": "trace_logs",
 }
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "TraceAttributes",
     "TraceParent",
     "TracingConfig",
+    "add_trace_ids",
     "extract",
     "inject",
     "install",

@@ -8,6 +8,12 @@ sent them is known only inside the scheduler. Every scheduler hands a due entry 
 standalone and embedded beat alike) that method is wrapped on the scheduler instance:
 the library's only patch, undone by ``uninstall``.
 
+Each run starts a trace, sampled by the rule of a task that starts one (the entry's
+task names it for ``task_sample_rates`` and the ``sampler``). A sampled-out run
+records nothing and its message says so (W3C sampled flag, ``x-langfuse-sampled: 0``),
+so the worker records the run only if it fails (``keep_failures``), as the root of the
+trace; a send that fails is recorded by beat the same way.
+
 Around each send the wrapper opens the run's root observation ``cron <entry>`` as the
 current span, in a fresh context so it is never a child of anything, with the trace
 named after the entry and tagged ``celery-beat``. The publish handler then records its
@@ -25,7 +31,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from celery import Celery
 from celery.schedules import crontab, solar
@@ -33,9 +39,9 @@ from celery.schedules import schedule as interval
 from celery.utils.time import humanize_seconds
 from opentelemetry import context as otel_context
 
-from . import client
+from . import client, sampling
 from .config import TracingConfig
-from .headers import CronRun
+from .headers import CronRun, TraceAttributes, TraceParent
 from .logs import warn_rate_limited
 from .payload import capture
 
@@ -121,10 +127,10 @@ class BeatTracing:
     @contextmanager
     def _cron_run(self, scheduler: Any, entry: Any) -> Iterator[None]:
         scope = ExitStack()
-        root = None
+        run: Optional[_CronRoot] = None
         try:
             if self.is_traced(entry.task):
-                root = self._open_root(scope, scheduler, entry)
+                run = self._open_root(scope, scheduler, entry)
         except Exception:
             scope.close()
             warn_rate_limited(
@@ -133,45 +139,83 @@ class BeatTracing:
         try:
             yield
         except Exception as exc:
-            if root is not None:
-                _record_not_sent(root, entry.name, exc)
+            if run is not None:
+                self._record_not_sent(run, entry.name, exc)
             raise
         finally:
-            if root is not None:
+            if run is not None:
                 _close(scope, send_now=scheduler in self._sending_each_run)
 
-    def _open_root(self, scope: ExitStack, scheduler: Any, entry: Any) -> Any:
+    def _open_root(self, scope: ExitStack, scheduler: Any, entry: Any) -> _CronRoot:
         sent_at = time.time()
         lateness = _lateness_seconds(entry)
         due_at = None if lateness is None else sent_at - lateness
+        # The run starts a trace: its id is drawn first and the decision made from it,
+        # by the rule of a task starting a trace (the entry's task names it).
+        trace_id = sampling.new_trace_id()
+        sampled = self.config.policy.sample_new_trace(
+            trace_id, entry.task, entry.args or (), entry.kwargs or {}, {}, entry="beat"
+        )
         # An empty context: the run's root is never a child of whatever is current.
         token = otel_context.attach(otel_context.Context())
         scope.callback(otel_context.detach, token)
-        import langfuse  # the beat process records its runs through the SDK
-
         scope.enter_context(
-            langfuse.propagate_attributes(trace_name=entry.name, tags=[BEAT_TAG])
+            client.propagated(TraceAttributes(trace_name=entry.name, tags=(BEAT_TAG,)))
         )
         scope.enter_context(client.sending_cron_run(CronRun(entry.name, due_at)))
-        return scope.enter_context(
-            client.get_langfuse().start_as_current_observation(
-                name=f"cron {entry.name}",
-                as_type="span",
-                input=self._capture_input(entry),
-                metadata={
-                    "cron_entry": entry.name,
-                    "task": entry.task,
-                    "schedule": describe_schedule(entry.schedule),
-                    "due_at": _iso(due_at),
-                    "sent_at": _iso(sent_at),
-                    "lateness_seconds": None if lateness is None else round(lateness, 3),
-                    # The entry still holds the count before this run.
-                    "run_count": (getattr(entry, "total_run_count", 0) or 0) + 1,
-                    "beat_host": _HOSTNAME,
-                    "scheduler": type(scheduler).__name__,
-                },
-            )
+        metadata = {
+            "cron_entry": entry.name,
+            "task": entry.task,
+            "schedule": describe_schedule(entry.schedule),
+            "due_at": _iso(due_at),
+            "sent_at": _iso(sent_at),
+            "lateness_seconds": None if lateness is None else round(lateness, 3),
+            # The entry still holds the count before this run.
+            "run_count": (getattr(entry, "total_run_count", 0) or 0) + 1,
+            "beat_host": _HOSTNAME,
+            "scheduler": type(scheduler).__name__,
+        }
+        if not sampled:
+            # Nothing recorded: the message carries the trace id with the sampled flag
+            # off, so the worker records its run only if it fails (keep_failures).
+            unsampled = TraceParent(trace_id, sampling.new_span_id(), sampled=False)
+            scope.enter_context(client.attached(unsampled.context()))
+            return _CronRoot(None, trace_id, time.time_ns(), metadata, self._capture_input(entry))
+        root = client.start_observation(
+            f"cron {entry.name}",
+            input=self._capture_input(entry),
+            metadata=metadata,
+            root_of=trace_id,
         )
+        scope.callback(client.Observation.end, root)
+        scope.enter_context(client.attached(client.context_with(root, trace_id=trace_id)))
+        return _CronRoot(root, trace_id, time.time_ns(), metadata, None)
+
+    def _record_not_sent(self, run: _CronRoot, entry_name: str, exc: Exception) -> None:
+        # The message never left, so no worker will score this run: beat does. In a
+        # sampled-out trace this failure is recorded after all, as its root.
+        try:
+            status = f"not sent: {type(exc).__name__}: {exc}"[:1000]
+            if run.root is not None:
+                run.root.update(level="ERROR", status_message=status)
+            elif self.config.keep_failures:
+                with client.root_observation(
+                    run.trace_id,
+                    name=f"cron {entry_name}",
+                    start_time_ns=run.started_ns,
+                    input=run.input,
+                    metadata={**run.metadata, "trace_sampled": False},
+                    level="ERROR",
+                    status_message=status,
+                ):
+                    pass
+            else:
+                return
+            client.score_cron_run(
+                run.trace_id, success=False, comment=status, metadata={"cron_entry": entry_name}
+            )
+        except Exception:
+            warn_rate_limited(log, "beat-failed", "celery-langfuse: could not record a failed send")
 
     def _capture_input(self, entry: Any) -> Any:
         if not self.config.capture_input:
@@ -180,16 +224,15 @@ class BeatTracing:
         return {"args": capture(entry.args, limit), "kwargs": capture(entry.kwargs, limit)}
 
 
-def _record_not_sent(root: Any, entry_name: str, exc: Exception) -> None:
-    # The message never left, so no worker will score this run: beat does.
-    try:
-        status = f"not sent: {type(exc).__name__}: {exc}"[:1000]
-        root.update(level="ERROR", status_message=status)
-        client.score_cron_run(
-            root.trace_id, success=False, comment=status, metadata={"cron_entry": entry_name}
-        )
-    except Exception:
-        warn_rate_limited(log, "beat-failed", "celery-langfuse: could not record a failed send")
+class _CronRoot(NamedTuple):
+    """One beat run being sent: its root observation (None in a sampled-out trace)
+    and, for a failure kept from a sampled-out trace, what its record needs."""
+
+    root: Optional[client.Observation]
+    trace_id: str
+    started_ns: int
+    metadata: dict[str, Any]
+    input: Any
 
 
 def _close(scope: ExitStack, *, send_now: bool) -> None:

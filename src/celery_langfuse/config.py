@@ -140,6 +140,27 @@ class TracingConfig:
     durable_spill_max_bytes:
         Upper bound on the span data in ``durable_spill_dir`` (all processes of the
         host together); past it the oldest are dropped, counted and logged.
+    log_trace_ids:
+        Log records made while an observation is current carry ``langfuse_trace_id``
+        and ``langfuse_observation_id`` (empty strings elsewhere), for log formats and
+        structured loggers (see ``trace_logs.py``); runs set
+        ``task.request.langfuse_trace_id``.
+    project_id:
+        The Langfuse project id (in the project's URL and settings), so runs can set
+        ``task.request.langfuse_trace_url``; unset, no URL is given (finding it would
+        take an API call).
+    linked_trace_tasks:
+        fnmatch patterns of tasks that, published inside a trace, start a trace of
+        their own linked to it (fan-out): the new trace keeps user, session and tags,
+        and its metadata names the parent trace and observation; the publish
+        observation names the new trace. A pattern matching no registered task is an
+        error at ``install()`` once the app's tasks are registered, else a warning when
+        the worker is ready. Per call: header ``x-langfuse-linked-trace: "1"`` (or
+        ``"0"`` to stay in the caller's trace).
+    max_trace_observations:
+        Past this many observations recorded in one trace by one process, tasks that
+        process publishes in that trace start linked traces (one warning); None: no
+        limit.
     """
 
     enabled: bool = True
@@ -167,6 +188,10 @@ class TracingConfig:
     durable_buffer_bytes: int = 16 * 1024 * 1024
     durable_spill_dir: Optional[str] = None
     durable_spill_max_bytes: int = 1024 * 1024 * 1024
+    log_trace_ids: bool = True
+    project_id: Optional[str] = None
+    linked_trace_tasks: Sequence[str] = ()
+    max_trace_observations: Optional[int] = 10_000
 
     #: Compiled from the settings above: task-name rules and sampling decisions.
     policy: TaskPolicy = field(init=False, repr=False, compare=False, hash=False)
@@ -188,7 +213,9 @@ class TracingConfig:
             )
         # Normalised so that equal settings compare equal, however they were given.
         object.__setattr__(self, "task_sample_rates", dict(self.task_sample_rates))
-        for name in ("exclude_tasks", "capture_exclude_tasks", "redact_keys"):
+        for name in (
+            "exclude_tasks", "capture_exclude_tasks", "redact_keys", "linked_trace_tasks"
+        ):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.preset is not None:
             object.__setattr__(self, "preset", PRESET_ALIASES[self.preset.lower()])
@@ -202,6 +229,7 @@ class TracingConfig:
                 sample_rate=self.sample_rate,
                 sampler=self.sampler,
                 keep_failures=self.keep_failures,
+                linked_trace_tasks=self.linked_trace_tasks,
             ),
         )
         object.__setattr__(
@@ -457,6 +485,7 @@ _DURABLE_SCHEMES = tuple(
     f"{scheme}://"
     for scheme in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster", "amqp", "amqps")
 )
+_PROJECT_ID = re.compile(r"[A-Za-z0-9_-]{1,100}")
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _BOOL = "true or false"
 _PATTERNS = "a list of task name patterns (fnmatch), comma-separated in the environment"
@@ -579,6 +608,20 @@ _SETTINGS: tuple[_Setting, ...] = (
         lambda v: _is_int(v) and v >= 1024 * 1024,
         "a whole number of bytes, at least 1048576 (1 MiB)",
         _parse_int,
+    ),
+    _Setting("log_trace_ids", lambda v: isinstance(v, bool), _BOOL, _parse_bool),
+    _Setting(
+        "project_id",
+        lambda v: v is None or (isinstance(v, str) and _PROJECT_ID.fullmatch(v) is not None),
+        "a Langfuse project id: 1 to 100 letters, digits, '_' or '-'",
+        str.strip,
+    ),
+    _Setting("linked_trace_tasks", _is_patterns, _PATTERNS, _parse_list),
+    _Setting(
+        "max_trace_observations",
+        lambda v: v is None or (_is_int(v) and v >= 10),
+        "a whole number of at least 10, or None for no limit ('none' in the environment)",
+        lambda raw: None if raw.strip().lower() in ("none", "off") else _parse_int(raw),
     ),
 )
 

@@ -63,6 +63,16 @@ SAMPLED = "x-langfuse-sampled"
 CRON_ENTRY = "x-langfuse-cron-entry"
 CRON_DUE_AT = "x-langfuse-cron-due-at"
 SIGNATURE = "x-langfuse-signature"
+#: Set by the caller on one message (``apply_async(headers={LINKED_TRACE: "1"})``): the
+#: task starts a trace linked to the caller's ("0": it stays in it). Read and removed
+#: by the publish handler, so a retry does not repeat it.
+LINKED_TRACE = "x-langfuse-linked-trace"
+#: Written instead of a parent: the id of the trace this message starts, linked to the
+#: publishing trace (whose ids travel in the trace metadata).
+LINK_TRACE_ID = "x-langfuse-link-trace-id"
+#: Added by a worker's main process to the request of a message it saw lost and now
+#: receives again (never published): ``<attempt>:<lost run's observation id>``.
+REDELIVERY = "x-langfuse-redelivery"
 #: Sent by internal HTTP callers only (never in a Celery message, never in
 #: :data:`ALL_HEADERS`, so nothing that forwards those headers forwards the secret).
 TRUST_SECRET = "x-langfuse-trust-secret"
@@ -88,6 +98,7 @@ ALL_HEADERS = (
     CRON_ENTRY,
     CRON_DUE_AT,
     SIGNATURE,
+    LINK_TRACE_ID,
 )
 
 #: The trace attributes' headers (signed, and ignored from an untrusted sender).
@@ -274,6 +285,8 @@ class Extracted(NamedTuple):
     malformed: tuple[str, ...] = ()
     #: Set when the sender was not trusted and sent Langfuse ids or trace attributes.
     distrusted: Optional[Distrusted] = None
+    #: The trace a linked message starts (from a trusted sender, without a parent).
+    link_trace_id: Optional[str] = None
 
 
 def inject(
@@ -283,6 +296,7 @@ def inject(
     attributes: TraceAttributes,
     cron: Optional[CronRun] = None,
     signing_key: Optional[bytes] = None,
+    link_trace_id: Optional[str] = None,
 ) -> None:
     """Write the wire format into ``headers``, keeping every other header as it is.
 
@@ -290,6 +304,7 @@ def inject(
     OTel propagator writes it as ``traceparent`` (and ``tracestate``/``baggage``), and
     the ``x-langfuse-*`` headers repeat it for Langfuse-aware consumers. With
     ``signing_key`` (the producer secret) the parent ids and attributes are signed.
+    ``link_trace_id`` (with no ``parent``): the new trace a linked message starts.
     """
     if parent is not None:
         _write_w3c(headers, parent, otel_context.get_current())
@@ -299,6 +314,10 @@ def inject(
             headers.pop(SAMPLED, None)  # a retry copies the headers it was sent with
         else:
             headers[SAMPLED] = "0"
+    if link_trace_id is not None:
+        headers[LINK_TRACE_ID] = link_trace_id
+    elif LINK_TRACE_ID in headers:
+        del headers[LINK_TRACE_ID]  # copied from the message a retry repeats
     if attributes.user_id:
         headers[USER_ID] = attributes.user_id
     if attributes.session_id:
@@ -355,6 +374,11 @@ def signature(headers: Mapping[str, Any], key: bytes) -> str:
             mac.update(b"\n%s!" % name.encode())
         else:
             mac.update(b"\n%s=%d:%s" % (name.encode(), len(text), text))
+    # Signed only when present, so every message without it signs as before.
+    link = headers.get(LINK_TRACE_ID)
+    if link is not None:
+        text = link.encode("utf-8", "replace") if isinstance(link, str) else b"!"
+        mac.update(b"\n%s=%d:%s" % (LINK_TRACE_ID.encode(), len(text), text))
     return mac.hexdigest()
 
 
@@ -364,6 +388,22 @@ def signed_by(headers: Mapping[str, Any], key: bytes) -> bool:
     if not isinstance(received, str) or len(received) != 64 or not received.isascii():
         return False
     return hmac.compare_digest(received, signature(headers, key))
+
+
+_REDELIVERY_RE = re.compile(r"([0-9]{1,6}):([0-9a-f]{16})?")
+
+
+def redelivery_value(attempt: int, lost_observation_id: Optional[str]) -> str:
+    """The :data:`REDELIVERY` value for a run's ``attempt`` after a lost one."""
+    return f"{attempt}:{lost_observation_id or ''}"
+
+
+def read_redelivery(raw: Any) -> Optional[tuple[int, Optional[str]]]:
+    """``(attempt, lost observation id or None)`` from a :data:`REDELIVERY` value."""
+    match = _REDELIVERY_RE.fullmatch(raw) if isinstance(raw, str) else None
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2)
 
 
 def secret_matches(received: Any, secret: str) -> bool:
@@ -441,6 +481,11 @@ def extract(headers: Mapping[str, Any], *, trusted: bool = True) -> Extracted:
         attributes=attributes,
         published_at=reader.timestamp(PUBLISHED_AT),
         cron=None if headers.get(CRON_ENTRY) is None else reader.cron_run(),
+        link_trace_id=(
+            reader.link_trace_id()
+            if trusted and parent is None and headers.get(LINK_TRACE_ID) is not None
+            else None
+        ),
         malformed=tuple(reader.malformed) if reader.malformed else (),
         distrusted=distrusted,
     )
@@ -546,6 +591,9 @@ class _Reader:
                 return value
         self._drop(name, raw)
         return None
+
+    def link_trace_id(self) -> Optional[str]:
+        return self._matching(LINK_TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID)
 
     def short_string(self, name: str) -> Optional[str]:
         raw = self._headers.get(name)

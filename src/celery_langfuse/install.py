@@ -19,6 +19,7 @@ and every task runs exactly as without this library. An unsupported Langfuse SDK
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import threading
@@ -27,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import _sdk, client, export, publish
+from . import _sdk, client, export, publish, sampling, trace_logs
 from .beat import BeatTracing
 from .config import ConfigurationError, TracingConfig, app_settings
 from .publish import on_before_task_publish
@@ -70,9 +71,23 @@ class Installation:
             (signals.task_revoked, self._for_app(worker.on_task_revoked)),
             (signals.task_unknown, self._for_app(worker.on_task_unknown)),
             (signals.task_rejected, self._for_app(worker.on_task_rejected)),
+            (signals.task_received, self._for_app(worker.on_task_received)),
+            (signals.worker_ready, self._for_app(self._check_linked_trace_tasks)),
             (signals.beat_init, self.beat.on_beat_init),
             (signals.beat_embedded_init, self.beat.on_beat_embedded_init),
         )
+
+    def _check_linked_trace_tasks(self, **_: Any) -> None:
+        """When the worker is ready (its tasks imported): one warning for each
+        ``linked_trace_tasks`` pattern that matches none of them."""
+        unmatched = unmatched_patterns(self.app, self.config.linked_trace_tasks)
+        if unmatched:
+            log.warning(
+                "celery-langfuse setting linked_trace_tasks: %s match(es) no task registered "
+                "in app %r, so no task starts a linked trace by it",
+                ", ".join(repr(p) for p in unmatched),
+                self.app.main,
+            )
 
     def disconnect(self) -> None:
         _disconnect(self._connections)
@@ -112,8 +127,11 @@ def _flush_before_exit(**_: Any) -> None:
 
 def _warm_up(**_: Any) -> None:
     """Prepare how observations are sent (and the client, where one is needed) when a
-    pool process starts (prefork children, the solo pool), before it takes tasks."""
+    pool process starts (prefork children, the solo pool), before it takes tasks; and
+    check that log records still carry the trace ids (a logging setup made since
+    install() may have replaced the record factory)."""
     client.warm_up()
+    trace_logs.ensure_record_factory()
 
 
 def _prepare_worker(**_: Any) -> None:
@@ -121,6 +139,7 @@ def _prepare_worker(**_: Any) -> None:
     process's exporter needs, once, for prefork children to inherit."""
     if client.langfuse_keys_configured():
         export.load_sender()
+    trace_logs.ensure_record_factory()
 
 
 _PROCESS_HANDLERS: tuple[tuple[Any, Callable[..., Any]], ...] = (
@@ -168,6 +187,15 @@ def install(app: Celery, **options: Any) -> Installation:
         config = TracingConfig.resolve(options, app_config=app_settings(app))
         if config.enabled:
             _sdk.require_supported()  # decided here, once; tasks run untraced if refused
+        if app.finalized:  # its tasks are registered: a pattern matching none is a mistake
+            unmatched = unmatched_patterns(app, config.linked_trace_tasks)
+            if unmatched:
+                given = list(config.linked_trace_tasks)
+                raise ConfigurationError(
+                    f"celery-langfuse setting linked_trace_tasks={given!r}: "
+                    f"{', '.join(repr(p) for p in unmatched)} match(es) no task registered in "
+                    f"app {app.main!r}; must be task name patterns (fnmatch) of its tasks"
+                )
         off_reason = None
         if not config.enabled:
             off_reason = f"disabled by enabled=False ({config.source_of('enabled')})"
@@ -223,18 +251,36 @@ def _apply_process_settings() -> None:
     if not active:
         _disconnect(_process_connections)
         publish.policy = None
+        sampling.process_policy = None
+        sampling.trace_guard.limit = None
+        publish.trace_url_prefix = None
         publish.signing_key = None
+        trace_logs.uninstall_record_factory()
         return
     if not _process_connections:
         _connect(_process_connections, *_PROCESS_HANDLERS)
         client.flush_before_sigterm()
     first = active[0].config
     publish.policy = first.policy
+    sampling.process_policy = first.policy
+    sampling.trace_guard.limit = first.max_trace_observations
+    publish.trace_url_prefix = trace_logs.trace_url_prefix(first.project_id)
     publish.signing_key = first.producer_secret.encode() if first.producer_secret else None
     client.client_settings = client.ClientSettings(
         first.flush_at, first.flush_interval, _durable_export(first)
     )
     client.exit_flush_timeout = max(i.config.flush_timeout for i in active)
+    if any(i.config.log_trace_ids for i in active):
+        trace_logs.install_record_factory()
+    else:
+        trace_logs.uninstall_record_factory()
+
+
+def unmatched_patterns(app: Celery, patterns: Any) -> list[str]:
+    """The patterns matching none of ``app``'s registered tasks (call once its tasks
+    are registered: reading them finalizes the app)."""
+    names = list(app.tasks.keys())
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
 def _check_durable_queue(config: TracingConfig) -> None:

@@ -10,8 +10,12 @@ made once, by whoever starts the trace, and travels with it as the W3C sampled f
   or the global rate);
 - everything downstream (nested tasks, chains, retries, the user's own observations
   inside a run) follows the flag of its parent, so a trace is whole or absent;
-- a trace someone else started (a web request, the user's own observation, an OTel
-  producer) is never cut: its recorded parent's decision stands.
+- a web request or a beat run that starts a trace decides by the same rule
+  (:func:`sample_entry`; beat with its own app's policy), naming itself as the web
+  request's ``METHOD /path`` or the beat entry's task; a failure there is kept as in
+  a worker;
+- a trace someone else started (the user's own observation, an OTel producer, a
+  caller's ``traceparent``) is never cut: its recorded parent's decision stands.
 
 Task-name rules (exclusion, per-pattern rates, capture off by pattern) are fnmatch
 patterns compiled once and resolved once per task name, so the per-task cost is a
@@ -64,8 +68,13 @@ class SamplingContext:
     task_name: str
     args: Sequence[Any]
     kwargs: Mapping[str, Any]
-    #: The message's custom headers (``task.request.headers``), read-only by contract.
+    #: The message's custom headers (``task.request.headers``), or a web request's
+    #: headers; read-only by contract.
     headers: Mapping[str, Any]
+    #: Where the trace starts: ``"task"`` (a worker run; ``task_name`` is the task),
+    #: ``"web"`` (``task_name`` is ``METHOD /path``) or ``"beat"`` (``task_name`` is
+    #: the schedule entry's task).
+    entry: str = "task"
 
 
 #: ``sampler(context)``: a rate from 0 to 1 applied to the trace id, or True/False.
@@ -80,6 +89,8 @@ class TaskRules:
     #: The rate of the first ``task_sample_rates`` pattern that matches, if any.
     sample_rate: Optional[float]
     capture: bool
+    #: Published inside a trace, the task starts a linked trace (``linked_trace_tasks``).
+    linked: bool = False
 
 
 class TaskPolicy:
@@ -94,12 +105,14 @@ class TaskPolicy:
         sample_rate: float,
         sampler: Optional[Sampler],
         keep_failures: bool,
+        linked_trace_tasks: Sequence[str] = (),
     ) -> None:
         self.sample_rate = sample_rate
         self.sampler = sampler
         self.keep_failures = keep_failures
         self._excluded = _compile_any(exclude_tasks)
         self._capture_excluded = _compile_any(capture_exclude_tasks)
+        self._linked = _compile_any(linked_trace_tasks)
         self._rates = [
             (_compile_any([pattern]), rate) for pattern, rate in task_sample_rates.items()
         ]
@@ -125,6 +138,7 @@ class TaskPolicy:
         args: Sequence[Any] = (),
         kwargs: Optional[Mapping[str, Any]] = None,
         headers: Optional[Mapping[str, Any]] = None,
+        entry: str = "task",
     ) -> bool:
         """Whether a trace that starts with a run of ``task_name`` is kept.
 
@@ -134,7 +148,7 @@ class TaskPolicy:
         """
         rate = self.rules(task_name).sample_rate
         if rate is None and self.sampler is not None:
-            decision = self._ask_sampler(task_name, args, kwargs or {}, headers or {})
+            decision = self._ask_sampler(task_name, args, kwargs or {}, headers or {}, entry)
             if isinstance(decision, bool):
                 return decision
             rate = decision
@@ -146,10 +160,11 @@ class TaskPolicy:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         headers: Mapping[str, Any],
+        entry: str,
     ) -> Optional[Union[float, bool]]:
         assert self.sampler is not None
         try:
-            decision = self.sampler(SamplingContext(task_name, args, kwargs, headers))
+            decision = self.sampler(SamplingContext(task_name, args, kwargs, headers, entry))
         except Exception:
             warn_rate_limited(
                 log, "sampler", "celery-langfuse: sampler raised; using sample_rate for %s",
@@ -173,7 +188,73 @@ class TaskPolicy:
             traced=not self._excluded.match(task_name),
             sample_rate=rate,
             capture=not self._capture_excluded.match(task_name),
+            linked=bool(self._linked.match(task_name)),
         )
+
+
+#: The task rules of the process's first installed app (set by ``install``, like
+#: ``publish.policy``): how a web request that starts a trace is sampled. None while no
+#: app is installed: every such trace is kept, as before sampling reached the web.
+process_policy: Optional[TaskPolicy] = None
+
+
+def sample_entry(trace_id: str, name: str, headers: Mapping[str, Any], entry: str) -> bool:
+    """Whether a trace that starts at ``entry`` ("web"), named ``name``, is kept: the
+    process policy's rule for new traces (:meth:`TaskPolicy.sample_new_trace`)."""
+    policy = process_policy
+    if policy is None:
+        return True
+    return policy.sample_new_trace(trace_id, name, (), {}, headers, entry=entry)
+
+
+def keeps_failures() -> bool:
+    """Whether a failure in a sampled-out trace started at an entry point is recorded."""
+    policy = process_policy
+    return True if policy is None else policy.keep_failures
+
+
+class TraceSizeGuard:
+    """Counts the observations this process records in each trace, so that a runaway
+    fan-out can be cut into linked traces (``max_trace_observations``).
+
+    Per process and approximate (no lock: a lost increment under a race only moves the
+    cut by one); the oldest traces are forgotten past ``MAX_COUNTED_TRACES``, so the
+    memory is bounded. Counting is a dictionary update, no function call.
+    """
+
+    def __init__(self, limit: Optional[int]) -> None:
+        self.limit = limit
+        self.counts: dict[str, int] = {}
+        self._warned = False
+
+    def over(self, trace_id: str) -> bool:
+        """Count one more observation in ``trace_id``; whether the trace is now past
+        the limit (the first time, one warning says what happens from here)."""
+        counts = self.counts
+        count = counts.get(trace_id, 0) + 1
+        if count == 1 and len(counts) >= MAX_COUNTED_TRACES:
+            del counts[next(iter(counts))]
+        counts[trace_id] = count
+        if self.limit is None or count <= self.limit:
+            return False
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "celery-langfuse: trace %s has more than %d observations from this process "
+                "(max_trace_observations); tasks it publishes from now on start linked "
+                "traces (logged once per process)",
+                trace_id,
+                self.limit,
+            )
+        return True
+
+
+#: Traces a guard counts at once; past it the oldest is forgotten.
+MAX_COUNTED_TRACES = 4096
+
+#: The process's guard, set by ``install`` from the first installed app's
+#: ``max_trace_observations``: publishes and runs of every app count in it.
+trace_guard = TraceSizeGuard(None)
 
 
 _NOTHING = re.compile(r"(?!)")

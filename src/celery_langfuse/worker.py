@@ -21,7 +21,14 @@ Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; no
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
 recorded as a short observation in the consumer process, so their trace shows why; so
 are runs whose pool process died (SIGKILL, out of memory, hard time limit), since their
-own observation died with that process.
+own observation died with that process. A message delivered again after its run was
+lost (``acks_late``) is recorded when the main process receives it again, and its new
+run says which attempt it is (``on_task_received``).
+
+A celery-batches run (one run for many messages) is one run observation in a trace of
+its own; when it ends, each message's trace gets an observation naming it.
+
+Runs store their trace id (and URL) on ``task.request`` for the task's own use.
 """
 
 from __future__ import annotations
@@ -35,14 +42,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from celery import states
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import client, headers, sampling
+from . import client, headers, sampling, trace_logs
 from .config import TracingConfig
 from .logs import warn_rate_limited
 from .payload import describe_exception
@@ -137,11 +144,33 @@ class Run:
     #: Set for a run of a sampled-out trace whose failure would be kept.
     sampled_out: Optional[SampledOut] = None
     cron: Optional[CronHealth] = None
+    #: Set for a celery-batches run: the messages it processes, and when it began.
+    batch: Optional[Batch] = None
 
     def score_cron(self, *, success: Optional[bool], comment: Optional[str] = None) -> None:
-        """Record the cron health scores, if beat started this run and it is traced."""
-        if self.cron is not None and self.trace_id is not None:
+        """Record the cron health scores, if beat started this run and it is traced:
+        recorded, or (a failure) kept from a sampled-out trace. A score on a trace
+        Langfuse never receives would make an empty trace of it."""
+        if self.cron is None or self.trace_id is None:
+            return
+        if self.observation is not None or (self.sampled_out is not None and success is False):
             self.cron.score(self.trace_id, success=success, comment=comment)
+
+
+class Batch(NamedTuple):
+    """A celery-batches run: one task run for many messages (``SimpleRequest``)."""
+
+    requests: list[Any]
+    started_ns: int
+
+
+class LostRun(NamedTuple):
+    """A run the main worker process recorded as lost (its pool process died)."""
+
+    attempt: int
+    observation_id: Optional[str]
+    #: Set once the message was delivered to this process again.
+    redelivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,9 +279,13 @@ class WorkerTracing:
         self.runs = RunRegistry(config.max_open_runs)
         #: Task ids whose lost run the main process recorded: Celery may report one
         #: loss twice (a hard time limit: by its timeout handler, then by the pool).
-        self._recorded_losses: OrderedDict[str, None] = OrderedDict()
+        self._recorded_losses: OrderedDict[str, LostRun] = OrderedDict()
         secret = config.producer_secret
         self._producer_key = secret.encode() if secret else None
+        #: Runs tell ``task.request`` their trace id (and URL, with ``project_id``).
+        self._request_ids = config.log_trace_ids
+        self._trace_url_prefix = trace_logs.trace_url_prefix(config.project_id)
+        self._trace_counts = sampling.trace_guard.counts
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -287,15 +320,23 @@ class WorkerTracing:
         if run is None and isinstance(exception, _PROCESS_DIED) and task_id:
             # Sent in the main worker process: the pool child that ran the task was
             # killed (SIGKILL, OOM, hard time limit) and its open run died with it.
-            if not self._first_report_of_loss(task_id):
+            attempt = self._first_report_of_loss(task_id)
+            if attempt is None:
                 return
-            self._record_unrun(
+            extra: dict[str, Any] = {"attempt": attempt}
+            if getattr(sender, "acks_late", False) and getattr(
+                sender, "reject_on_worker_lost", False
+            ):
+                extra["will_be_redelivered"] = True
+            lost = self._record_unrun(
                 getattr(sender, "name", None) or "task",
                 _request_headers(sender, task_id),
                 task_id,
                 "ERROR",
                 f"the process running it died: {describe_exception(exception)}",
+                extra,
             )
+            self._recorded_losses[task_id] = LostRun(attempt, lost.id if lost else None)
             return
         if run is None or einfo is None:
             return
@@ -303,14 +344,63 @@ class WorkerTracing:
             traceback = str(getattr(einfo, "traceback", "") or "")
             run.traceback = traceback[-self.config.max_payload_chars :]
 
-    def _first_report_of_loss(self, task_id: str) -> bool:
+    def _first_report_of_loss(self, task_id: str) -> Optional[int]:
+        """The attempt number of a lost run on its first report; None for a repeated
+        report of the same loss (Celery reports a hard time limit twice)."""
         losses = self._recorded_losses
-        if task_id in losses:
-            return False
-        losses[task_id] = None
+        known = losses.get(task_id)
+        if known is not None and not known.redelivered:
+            return None
+        attempt = 1 if known is None else known.attempt + 1
+        losses[task_id] = LostRun(attempt, None)
+        losses.move_to_end(task_id)
         if len(losses) > _REMEMBERED_LOSSES:
             losses.popitem(last=False)
-        return True
+        return attempt
+
+    def on_task_received(self, request: Any = None, **_: Any) -> None:
+        """``task_received``, in the main worker process: a message delivered again
+        (``acks_late`` with ``task_reject_on_worker_lost``, or a worker that died with it
+        unacknowledged). Celery reports no failure when it requeues a lost run, so the
+        earlier delivery is recorded here, unless this process already recorded it as
+        lost; the request then tells the pool process the new run's attempt number and
+        that observation, which the new run records (``_previous_attempt``)."""
+        delivery_info = getattr(request, "delivery_info", None)
+        if not delivery_info or not delivery_info.get("redelivered"):
+            return
+        try:
+            self._note_redelivery(request)
+        except Exception:
+            warn_rate_limited(
+                log, "redelivery", "celery-langfuse: could not record a redelivered task"
+            )
+
+    def _note_redelivery(self, request: Any) -> None:
+        task_id = request.id
+        message_headers = request.request_dict
+        losses = self._recorded_losses
+        known = losses.get(task_id)
+        if known is not None and not known.redelivered and known.observation_id:
+            earlier = known  # recorded as lost by this process (task_failure)
+        else:
+            attempt = 1 if known is None else known.attempt + 1
+            recorded = self._record_unrun(
+                request.name,
+                message_headers,
+                task_id,
+                "WARNING",
+                "an earlier delivery did not finish: its pool process died (or its worker "
+                "stopped before running it); the message was delivered again",
+                {"attempt": attempt, "redelivered": True},
+            )
+            earlier = LostRun(attempt, recorded.id if recorded is not None else None)
+        losses[task_id] = earlier._replace(redelivered=True)
+        losses.move_to_end(task_id)
+        if len(losses) > _REMEMBERED_LOSSES:
+            losses.popitem(last=False)
+        message_headers[headers.REDELIVERY] = headers.redelivery_value(
+            earlier.attempt + 1, earlier.observation_id
+        )
 
     def on_task_postrun(
         self,
@@ -324,6 +414,8 @@ class WorkerTracing:
         if run is None:
             return
         try:
+            if run.batch is not None:
+                self._record_batched_messages(run, run.batch, state)
             if run.observation is not None:
                 _record_outcome(run, state, retval, self.config)
             elif run.sampled_out is not None and state == states.FAILURE:
@@ -427,13 +519,32 @@ class WorkerTracing:
             captures=rules.capture and getattr(task, "langfuse_capture", True) is not False,
             cron=None if extracted.cron is None else _cron_health(extracted, task_id, request),
         )
+        batch = None
+        if _BATCH_TASK_TYPES.get(type(task)) is not False:  # a dict lookup, no call
+            batch = _batch_of(task, args)
+            if batch is not None:
+                start.args = [_describe_batched(request) for request in batch.requests]
         scope = RunScope()
         try:
             run = self._start(start, rules.traced, scope)
             run.cron = start.cron
+            if batch is not None:
+                run.batch = batch
+                if run.observation is not None:
+                    run.observation.update(metadata=_batch_metadata(batch))
         except BaseException:
             scope.close()
             raise
+        if self._request_ids:
+            # Attribute stores and an f-string: no calls on the hot path.
+            request.langfuse_trace_id = run.trace_id
+            prefix = self._trace_url_prefix
+            request.langfuse_trace_url = (
+                f"{prefix}{run.trace_id}"
+                if prefix and run.trace_id
+                and (run.observation is not None or run.sampled_out is not None)
+                else None
+            )
         for stale in self.runs.push(task_id, run):
             warn_rate_limited(
                 log, "evicted", "celery-langfuse: more than %d runs open; closing the oldest",
@@ -451,16 +562,22 @@ class WorkerTracing:
         # current: a recorded run is started under the remote parent directly and
         # attaches its own observation's context instead.
         remote = parent
+        linked = False
         if parent is not None:
             trace_id: Optional[str] = parent.trace_id
             sampled = parent.sampled
+        elif start.extracted.link_trace_id is not None:
+            # A linked trace (fan-out): the publisher, whose trace is kept, chose its id.
+            trace_id, sampled, linked = start.extracted.link_trace_id, True, True
         else:
             current = otel_trace.get_current_span().get_span_context()
             # An eager run inside the caller's observation continues its trace.
             trace_id = format(current.trace_id, "032x") if current.is_valid else None
             sampled = current.trace_flags.sampled
-        new_trace = traced and trace_id is None
-        if new_trace:
+        new_trace = traced and (trace_id is None or linked)
+        if linked and new_trace:
+            attributes = replace(attributes, trace_name=attributes.trace_name or start.task_name)
+        elif new_trace:
             # The run starts a trace: its id is drawn first so the decision is made from
             # it. A kept trace is named after the task unless the producer named it (a
             # sampled-out one skips that cost: a failure kept from it is its root anyway).
@@ -492,6 +609,12 @@ class WorkerTracing:
             )
             scope.callback(client.Observation.end, observation)
             scope.attach(client.context_with(observation, ctx, trace_id))
+            # Counted for max_trace_observations (sampling.TraceSizeGuard), inline: a
+            # dictionary update and a bound, no call on the hot path.
+            counts = self._trace_counts
+            counts[trace_id] = counts.get(trace_id, 0) + 1
+            if len(counts) > sampling.MAX_COUNTED_TRACES:
+                del counts[next(iter(counts))]
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
         if remote is not None:
             scope.attach(remote.context())
@@ -506,6 +629,47 @@ class WorkerTracing:
             return Run(None, scope, trace_id=trace_id)
         kept = SampledOut(start, trace_id, time.time(), time.time_ns())
         return Run(None, scope, trace_id=trace_id, sampled_out=kept)
+
+    def _record_batched_messages(self, run: Run, batch: Batch, state: Optional[str]) -> None:
+        """celery-batches: each message's own trace gets an observation, named after its
+        task and continued from its headers as its run would have been, saying which
+        batch run processed it (and, if the batch failed, that it failed)."""
+        failed = state == states.FAILURE
+        recorded = run.observation
+        named: dict[str, Any] = {}
+        if recorded is not None:
+            named = {"batch_trace_id": recorded.trace_id, "batch_observation_id": recorded.id}
+            if self._trace_url_prefix:
+                named["batch_trace_url"] = f"{self._trace_url_prefix}{recorded.trace_id}"
+        status = "the batch run that processed it failed" if failed else None
+        for request in batch.requests:
+            try:
+                name = getattr(request, "name", None) or "task"
+                if not self.config.policy.traces_task(name):
+                    continue
+                message_headers = _dict_headers(getattr(request, "request_dict", None))
+                fields: dict[str, Any] = {
+                    "name": name,
+                    "level": "ERROR" if failed else None,
+                    "status_message": status,
+                    "start_time_ns": batch.started_ns,
+                    "metadata": {
+                        "task_id": getattr(request, "id", None),
+                        "hostname": _HOSTNAME,
+                        "processed_in_batch": True,
+                        **named,
+                    },
+                }
+                self._record_unrun_observation(
+                    _extract(message_headers, fields["metadata"]["task_id"], self._producer_key),
+                    name,
+                    fields,
+                    "ERROR" if failed else "DEFAULT",
+                )
+            except Exception:
+                warn_rate_limited(
+                    log, "batch", "celery-langfuse: could not record a batched message"
+                )
 
     def _record_kept_failure(self, run: Run, kept: SampledOut, error: Any, status: str) -> None:
         """Record a failed run of a sampled-out trace as the root of its trace."""
@@ -549,37 +713,43 @@ class WorkerTracing:
         task_id: Any,
         level: SpanLevel,
         status: str,
-    ) -> None:
+        extra_metadata: Optional[dict[str, Any]] = None,
+    ) -> Optional[client.Observation]:
+        """Record a message that never ran (or whose run died with its process); the
+        observation, if one was recorded."""
         try:
             if not self.config.policy.traces_task(task_name):
-                return
+                return None
             extracted = _extract(message_headers, task_id, self._producer_key)
             fields: dict[str, Any] = {
                 "name": task_name,
                 "level": level,
                 "status_message": self.config.payload.text(status),
-                "metadata": {"task_id": task_id, "hostname": _HOSTNAME},
+                "metadata": {"task_id": task_id, "hostname": _HOSTNAME, **(extra_metadata or {})},
             }
-            recorded_in = self._record_unrun_observation(extracted, task_name, fields, level)
-            if recorded_in is not None and extracted.cron is not None:
+            recorded = self._record_unrun_observation(extracted, task_name, fields, level)
+            if recorded is not None and extracted.cron is not None:
                 cron = CronHealth(
                     extracted.cron.entry, task_id, None, extracted.attributes.environment
                 )
-                cron.score(recorded_in, success=False, comment=fields["status_message"])
+                cron.score(recorded.trace_id, success=False, comment=fields["status_message"])
+            return recorded
         except Exception:
             warn_rate_limited(
                 log, "unrun", "celery-langfuse: could not record %s task %s", status, task_id
             )
+            return None
 
     def _record_unrun_observation(
         self, extracted: headers.Extracted, task_name: str, fields: dict[str, Any], level: str
-    ) -> Optional[str]:
-        """Record a message that never ran; the trace id it went to, if recorded."""
+    ) -> Optional[client.Observation]:
+        """Record a message that never ran; its observation, if recorded."""
         parent = extracted.parent
         with client.propagated(extracted.attributes):
             if parent is not None and parent.sampled:
-                client.start_observation(context=parent.context(), **fields).end()
-                return parent.trace_id
+                observation = client.start_observation(context=parent.context(), **fields)
+                observation.end()
+                return observation
             if parent is not None:
                 trace_id, sampled = parent.trace_id, False
             else:
@@ -589,9 +759,9 @@ class WorkerTracing:
                 return None
             if not sampled:
                 fields["metadata"]["trace_sampled"] = False
-            with client.root_observation(trace_id, **fields):
+            with client.root_observation(trace_id, **fields) as observation:
                 pass
-            return trace_id
+            return observation
 
 
 _HOSTNAME = socket.gethostname()
@@ -653,6 +823,9 @@ def _run_metadata(
             metadata[key] = value
     if getattr(request, "is_eager", False):
         metadata["eager"] = True
+    if delivery_info.get("redelivered"):
+        metadata["redelivered"] = True
+        metadata.update(_previous_attempt(request))
     if published_at is not None:
         started = time.time() if now is None else now
         metadata["queue_wait_seconds"] = round(max(started - published_at, 0.0), 6)
@@ -689,6 +862,58 @@ def _record_outcome(run: Run, state: Optional[str], retval: Any, config: Tracing
         interrupted = sys.exc_info()[1]
         if interrupted is not None:
             observation.update(level="ERROR", status_message=_describe_interruption(interrupted))
+
+
+#: Task classes (keyed by type) that are, or are not, celery-batches ``Batches`` tasks.
+_BATCH_TASK_TYPES: dict[type, bool] = {}
+_MAX_BATCH_IDS = 50
+
+
+def _batch_of(task: Any, args: Any) -> Optional[Batch]:
+    """The messages of a celery-batches run (its one argument, a list of
+    ``SimpleRequest``), or None for any other task. celery-batches is recognised by
+    class name and module, so it is never imported here."""
+    kind = type(task)
+    is_batch = _BATCH_TASK_TYPES.get(kind)
+    if is_batch is None:
+        is_batch = any(
+            c.__name__ == "Batches" and c.__module__.startswith("celery_batches")
+            for c in kind.__mro__
+        )
+        _BATCH_TASK_TYPES[kind] = is_batch
+    if not is_batch or not args or not isinstance(args[0], list):
+        return None
+    return Batch(args[0], time.time_ns())
+
+
+def _describe_batched(request: Any) -> dict[str, Any]:
+    """What the batch run's input shows of one message."""
+    return {
+        "task_id": getattr(request, "id", None),
+        "args": getattr(request, "args", None),
+        "kwargs": getattr(request, "kwargs", None),
+    }
+
+
+def _batch_metadata(batch: Batch) -> dict[str, Any]:
+    ids = [getattr(request, "id", None) for request in batch.requests[:_MAX_BATCH_IDS]]
+    return {"batch_size": len(batch.requests), "batch_task_ids": ids}
+
+
+def _previous_attempt(request: Any) -> dict[str, Any]:
+    """What the main worker process said about the lost run a redelivered run repeats
+    (see ``WorkerTracing.on_task_received``): nothing when another worker recorded it."""
+    raw = _custom_headers(request).get(headers.REDELIVERY)
+    if raw is None:
+        raw = (getattr(request, "__dict__", None) or {}).get(headers.REDELIVERY)
+    parsed = headers.read_redelivery(raw)
+    if parsed is None:
+        return {}
+    attempt, lost_observation_id = parsed
+    recorded: dict[str, Any] = {"attempt": attempt}
+    if lost_observation_id:
+        recorded["lost_run_observation_id"] = lost_observation_id
+    return recorded
 
 
 def _pool_terminated_this_process() -> bool:

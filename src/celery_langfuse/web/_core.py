@@ -11,7 +11,9 @@ the handler does (tasks it enqueues, LLM calls, outgoing HTTP calls) nests insid
 - trace attributes (user id, session id, ...) from the user's ``identify`` callable,
   applied with ``langfuse.propagate_attributes`` so enqueued tasks carry them too;
 - an incoming W3C ``traceparent`` is continued, not restarted; without one the
-  request starts a new trace.
+  request starts a new trace, sampled by the rule of traces a task starts
+  (``sample_rate``, ``task_sample_rates`` matching ``METHOD /path``, ``sampler``); a
+  sampled-out request that fails is still recorded (:class:`RequestTrace`).
 
 Trust (:func:`read_incoming`, the one decision every middleware makes, Django's too):
 only a trusted caller (``trust_incoming_headers``, a ``trusted_networks`` address, or
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from collections.abc import Collection, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -35,7 +38,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from opentelemetry import context as otel_context
 from opentelemetry.trace import INVALID_SPAN, set_span_in_context
 
-from .. import client, headers
+from .. import client, headers, sampling
 from ..config import (
     SECRET_ALLOWED,
     ConfigurationError,
@@ -185,18 +188,40 @@ def _in_networks(peer_address: str | None, networks: tuple[Network, ...]) -> boo
     return any(address in network for network in networks)
 
 
+class _KeptIfFailed(NamedTuple):
+    """A request of a sampled-out trace, kept in case it fails: what its record needs."""
+
+    trace_id: str
+    started_ns: int
+    metadata: dict[str, Any]
+    attributes: TraceAttributes
+
+
 class RequestTrace:
     """The observation of one request, from :meth:`begin` to :meth:`end`.
 
     The observation is current only between :meth:`begin` and :meth:`detach`, which
     must run in the same thread or task; :meth:`end` may come later (a WSGI body is
     sent after the app has returned).
+
+    A request that starts a trace is sampled like a task that starts one
+    (``sampling.sample_entry``, named ``METHOD /path``). Sampled out, it records
+    nothing, and its context carries the trace id with the sampled flag off, so the
+    tasks it enqueues record nothing either; if it fails (5xx, or an exception) it is
+    recorded after all, as the root of its trace, backdated (``keep_failures``).
     """
 
-    def __init__(self, request: IncomingRequest, observation: Any, scope: ExitStack) -> None:
+    def __init__(
+        self,
+        request: IncomingRequest,
+        observation: client.Observation | None,
+        scope: ExitStack,
+        kept: _KeptIfFailed | None = None,
+    ) -> None:
         self.request = request
         self._observation = observation
         self._scope = scope
+        self._kept = kept
         self.status_code: int | None = None
         self._failure: tuple[str, str] | None = None  # (level, status message)
 
@@ -216,27 +241,54 @@ class RequestTrace:
             base = otel_context.get_current()
             if not incoming.trusted:
                 base = headers.without_langfuse_baggage(base)
-            entry = parent.context(base) if parent else set_span_in_context(INVALID_SPAN, base)
-            scope.enter_context(client.attached(entry))
             attributes = _overlay(incoming.extracted.attributes, _identify(config, request))
-            scope.enter_context(client.propagated(attributes))
             metadata = _request_metadata(request)
             if incoming.extracted.distrusted is not None:
                 metadata.update(incoming.extracted.distrusted.metadata())
                 _note_first_distrusted()
-            observation = scope.enter_context(
-                client.get_langfuse().start_as_current_observation(
-                    name=request.method,
-                    as_type="span",
-                    metadata=metadata,
-                    end_on_exit=False,
-                )
+            new_trace_id: str | None = None
+            if parent is None:
+                # The request starts a trace: its id is drawn first, the decision made
+                # from it by the rule a worker uses for a task starting one.
+                new_trace_id = sampling.new_trace_id()
+                if not sampling.sample_entry(
+                    new_trace_id, f"{request.method} {request.path}", request.headers, "web"
+                ):
+                    return cls._sampled_out(
+                        request, scope, new_trace_id, base, attributes, metadata
+                    )
+            entry = parent.context(base) if parent else set_span_in_context(INVALID_SPAN, base)
+            scope.enter_context(client.attached(entry))
+            scope.enter_context(client.propagated(attributes))
+            observation = client.start_observation(
+                request.method, metadata=metadata, root_of=new_trace_id
             )
+            scope.enter_context(client.attached(client.context_with(observation)))
         except Exception:
             scope.close()
             warn_rate_limited(log, "web-begin", "celery-langfuse: could not trace a request")
             return None
         return cls(request, observation, scope)
+
+    @classmethod
+    def _sampled_out(
+        cls,
+        request: IncomingRequest,
+        scope: ExitStack,
+        trace_id: str,
+        base: otel_context.Context,
+        attributes: TraceAttributes,
+        metadata: dict[str, Any],
+    ) -> RequestTrace:
+        # The request's own span id, never recorded: enqueued tasks name it as parent
+        # and, seeing the sampled flag off, record nothing (their failures aside).
+        unsampled = TraceParent(trace_id, sampling.new_span_id(), sampled=False)
+        scope.enter_context(client.attached(unsampled.context(base)))
+        scope.enter_context(client.propagated(attributes))
+        kept = None
+        if sampling.keeps_failures():
+            kept = _KeptIfFailed(trace_id, time.time_ns(), metadata, attributes)
+        return cls(request, None, scope, kept)
 
     def record_status(self, status_code: int) -> None:
         self.status_code = status_code
@@ -257,17 +309,49 @@ class RequestTrace:
     def end(self, route: str | None, metadata: dict[str, Any] | None = None) -> None:
         """Name the observation after ``route``, record the outcome (and the framework's
         ``metadata`` about the matched route, if any) and end it."""
+        name = f"{self.request.method} {route}" if route else self.request.method
+        output = {"status_code": self.status_code} if self.status_code else None
+        outcome = _level(self.status_code, self._failure)
+        observation = self._observation
+        if observation is None:
+            self._record_kept_failure(name, route, output, outcome)
+            return
         try:
-            self._observation.update(
-                name=f"{self.request.method} {route}" if route else self.request.method,
-                output={"status_code": self.status_code} if self.status_code else None,
+            observation.span.update_name(name)
+            observation.update(
+                output=output,
                 metadata={**(metadata or {}), "route": route, "status_code": self.status_code},
-                **_level(self.status_code, self._failure),
+                **outcome,
             )
         except Exception:
             warn_rate_limited(log, "web-end", "celery-langfuse: could not record a response")
         finally:
-            self._observation.end()
+            observation.end()
+
+    def _record_kept_failure(
+        self, name: str, route: str | None, output: Any, outcome: dict[str, Any]
+    ) -> None:
+        """Record a failed request of a sampled-out trace as the root of its trace."""
+        kept = self._kept
+        if kept is None or outcome.get("level") != "ERROR":
+            return
+        try:
+            metadata = {
+                **kept.metadata,
+                "route": route,
+                "status_code": self.status_code,
+                "trace_sampled": False,
+            }
+            with client.propagated(kept.attributes), client.root_observation(
+                kept.trace_id,
+                name=name,
+                start_time_ns=kept.started_ns,
+                metadata=metadata,
+                **outcome,
+            ) as root:
+                root.update(output=output)
+        except Exception:
+            warn_rate_limited(log, "web-end", "celery-langfuse: could not record a response")
 
 
 _noted_distrusted = False

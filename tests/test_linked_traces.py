@@ -1,0 +1,216 @@
+"""Linked traces for fan-out: a published task may start a trace of its own, linked to
+its caller's, by task name pattern, per call, or when a trace grows past the guard.
+
+Real Redis, a real prefork worker running tests/support/fanout_app.py (whose tasks
+publish the fan-out, so that app's settings are the ones publishing follows), the real
+SDK in the test process, the capture server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from langfuse import get_client, propagate_attributes
+
+from celery_langfuse import ConfigurationError, install, uninstall
+from celery_langfuse.headers import (
+    LINK_TRACE_ID,
+    LINKED_TRACE,
+    TraceAttributes,
+    extract,
+    inject,
+    signed_by,
+)
+from celery_langfuse.testing import CaptureServer, Observation, Trace
+from tests.conftest import flush_in_process, worker_process
+from tests.support.installed import support_app
+
+pytestmark = pytest.mark.timeout(240)
+
+PREFIX = "tests.support.fanout_app."
+FAN_OUT, LEAF, LINKED_LEAF, LINKED_FLAKY = (
+    PREFIX + name for name in ("fan_out", "leaf", "linked_leaf", "linked_flaky")
+)
+
+
+@pytest.fixture
+def fanout(capture: CaptureServer) -> Iterator[Any]:
+    with support_app("fanout_app") as module:
+        yield module
+
+
+def fan_out_from_a_request(fanout: Any, queue: str, task_name: str, count: int) -> str:
+    """A request (user u-1, session s-1, tag "fan") that enqueues fan_out; its trace id."""
+    with get_client().start_as_current_observation(name="request") as request:
+        with propagate_attributes(user_id="u-1", session_id="s-1", tags=["fan"]):
+            result = fanout.fan_out.apply_async((task_name, count), queue=queue)
+    assert result.get(timeout=60) == count
+    return request.trace_id
+
+
+def fanout_worker(capture: CaptureServer, tmp_path: Path, env: dict[str, str]) -> Any:
+    """A prefork worker (2 processes) of tests/support/fanout_app.py."""
+    return worker_process(
+        capture.env, "-P", "prefork", "-c", "2", env=env, tmp_path=tmp_path,
+        module="tests.support.fanout_app",
+    )
+
+
+def runs(capture: CaptureServer, name: str) -> list[Observation]:
+    return [o for o in capture.observations if o.name == name]
+
+
+def assert_linked_child(
+    child: Trace, parent: Trace, publish: Observation, task: str, base_url: str
+) -> None:
+    """What Langfuse shows for a linked trace: its own root run, the caller's user,
+    session and tags, and metadata pointing back at the caller's trace."""
+    (root,) = child.root_observations()
+    assert root.name == task and root.parent_id is None, child.tree()
+    assert child.orphans() == [], child.tree()
+    assert (root.user_id, root.session_id) == ("u-1", "s-1")
+    assert "fan" in root.tags
+    assert root.trace_name == task
+    assert root.trace_metadata["parent_trace_id"] == parent.id
+    assert root.trace_metadata["parent_observation_id"] == publish.id
+    assert root.trace_metadata["parent_trace_url"] == (
+        f"{base_url}/project/proj-fanout/traces/{parent.id}"
+    )
+    assert publish.metadata["linked_trace_id"] == child.id
+    assert publish.metadata["linked_trace_url"] == (
+        f"{base_url}/project/proj-fanout/traces/{child.id}"
+    )
+
+
+def test_tasks_matching_a_pattern_start_linked_traces(
+    fanout: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    env = {"CELERY_LANGFUSE_TEST_LINKED": "*.linked_*"}
+    with fanout_worker(capture, tmp_path, env) as worker:
+        trace_id = fan_out_from_a_request(fanout, worker.queue, LINKED_LEAF, 5)
+        capture.wait_for_observations(5, name=LINKED_LEAF, timeout=60)
+    flush_in_process()
+
+    parent = capture.trace(trace_id)
+    assert sorted(o.name for o in parent.observations) == sorted(
+        ["request", f"publish {FAN_OUT}", FAN_OUT] + [f"publish {LINKED_LEAF}"] * 5
+    ), parent.tree()
+    assert parent.orphans() == [], parent.tree()
+    publishes = parent.find_all(f"publish {LINKED_LEAF}")
+    for publish in publishes:
+        child = capture.trace(publish.metadata["linked_trace_id"])
+        assert_linked_child(child, parent, publish, LINKED_LEAF, capture.base_url)
+    assert len(capture.traces()) == 1 + 5
+
+
+def test_a_retry_of_a_linked_task_stays_in_its_linked_trace(
+    fanout: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    env = {"CELERY_LANGFUSE_TEST_LINKED": "*.linked_*"}
+    with fanout_worker(capture, tmp_path, env) as worker:
+        trace_id = fan_out_from_a_request(fanout, worker.queue, LINKED_FLAKY, 2)
+        capture.wait_for(lambda s: len(runs(s, LINKED_FLAKY)) >= 4, timeout=60)
+    flush_in_process()
+
+    parent = capture.trace(trace_id)
+    assert len(capture.traces()) == 1 + 2
+    for publish in parent.find_all(f"publish {LINKED_FLAKY}"):
+        child = capture.trace(publish.metadata["linked_trace_id"])
+        first, retried = sorted(child.find_all(LINKED_FLAKY), key=lambda o: o.start_time)
+        assert first.level == "WARNING" and first.parent_id is None
+        assert child.find(f"publish {LINKED_FLAKY}").parent_id == first.id
+        assert retried.parent_id == child.find(f"publish {LINKED_FLAKY}").id
+        assert child.orphans() == [], child.tree()
+
+
+def test_past_max_trace_observations_further_tasks_start_linked_traces(
+    fanout: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    env = {"CELERY_LANGFUSE_MAX_TRACE_OBSERVATIONS": "10", "CELERY_LANGFUSE_TEST_LINKED": "no.*"}
+    with fanout_worker(capture, tmp_path, env) as worker:
+        trace_id = fan_out_from_a_request(fanout, worker.queue, LEAF, 30)
+        capture.wait_for_observations(30, name=LEAF, timeout=60)
+        log_text = worker.log()
+    flush_in_process()
+
+    parent = capture.trace(trace_id)
+    # In the worker process that ran fan_out: its run and 9 publishes fit in 10; the
+    # other 21 publishes name linked traces.
+    in_parent = parent.find_all(LEAF)
+    linked = [p for p in parent.find_all(f"publish {LEAF}") if "linked_trace_id" in p.metadata]
+    assert (len(in_parent), len(linked)) == (9, 21), parent.tree()
+    for publish in linked:
+        child = capture.trace(publish.metadata["linked_trace_id"])
+        assert_linked_child(child, parent, publish, LEAF, capture.base_url)
+    assert log_text.count("max_trace_observations") == 1, log_text[-3000:]
+    # The worker says, once it is ready, that a linked_trace_tasks pattern names no task.
+    assert "linked_trace_tasks: 'no.*' match(es) no task" in log_text
+    print(f"\nguard at 10: {len(in_parent)} runs in the trace, {len(linked)} linked traces")
+
+
+def test_a_caller_links_one_message_with_a_header(
+    running_worker: Any, capture: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.support import tasks
+
+    with get_client().start_as_current_observation(name="caller") as caller:
+        linked = tasks.header_probe.apply_async(headers={LINKED_TRACE: "1"})
+        joined = tasks.header_probe.apply_async(headers={LINKED_TRACE: "0"})
+        with caplog.at_level(logging.WARNING, logger="celery_langfuse.publish"):
+            not_a_string = tasks.header_probe.apply_async(headers={LINKED_TRACE: True})
+    linked_headers = linked.get(timeout=30)
+    assert LINKED_TRACE not in linked_headers  # consumed by the publish: a retry won't repeat it
+    assert LINK_TRACE_ID in linked_headers and "x-langfuse-parent-id" not in linked_headers
+    assert joined.get(timeout=30)["x-langfuse-trace-id"] == caller.trace_id
+    assert not_a_string.get(timeout=30)["x-langfuse-trace-id"] == caller.trace_id
+    assert f"ignoring header {LINKED_TRACE}=True" in caplog.text
+
+    flush_in_process()
+    capture.wait_for(lambda s: len(runs(s, "tests.support.tasks.header_probe")) == 3, timeout=20)
+    parent = capture.trace(caller.trace_id)
+    assert len(parent.find_all("tests.support.tasks.header_probe")) == 2
+    child = capture.trace(linked_headers[LINK_TRACE_ID])
+    (run,) = child.observations
+    assert run.parent_id is None and run.trace_metadata["parent_trace_id"] == caller.trace_id
+
+
+def test_a_pattern_naming_no_registered_task_is_an_error_at_install() -> None:
+    app = Celery("fanout-validation")
+
+    @app.task(name="proj.fan.leaf")
+    def leaf() -> None:
+        return None
+
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"linked_trace_tasks=.*'proj\.nope\.\*'"):
+        install(app, linked_trace_tasks=["proj.fan.*", "proj.nope.*"])
+    install(app, linked_trace_tasks=["proj.fan.*"])
+    uninstall(app)
+    # Not finalized yet (tasks may still be imported): checked when the worker is ready.
+    later = Celery("fanout-validation-later")
+    install(later, linked_trace_tasks=["proj.later.*"])
+    uninstall(later)
+
+
+def test_a_linked_message_is_signed_and_only_a_trusted_one_is_followed() -> None:
+    key = b"producer-secret-0123456789"
+    message: dict[str, Any] = {}
+    inject(
+        message, parent=None, attributes=TraceAttributes(user_id="u"), signing_key=key,
+        link_trace_id="ab" * 16,
+    )
+    assert signed_by(message, key)
+    assert extract(message).link_trace_id == "ab" * 16
+    assert extract(message, trusted=False).link_trace_id is None
+    tampered = {**message, LINK_TRACE_ID: "cd" * 16}
+    assert not signed_by(tampered, key)
+    # A message without a link signs as it always did (rolling deploys keep trust).
+    plain: dict[str, Any] = {}
+    inject(plain, parent=None, attributes=TraceAttributes(user_id="u"), signing_key=key)
+    assert LINK_TRACE_ID not in plain and signed_by(plain, key)
+
