@@ -77,30 +77,6 @@ REDELIVERY = "x-langfuse-redelivery"
 #: :data:`ALL_HEADERS`, so nothing that forwards those headers forwards the secret).
 TRUST_SECRET = "x-langfuse-trust-secret"
 
-#: Every header this library writes; a reader may use it to strip or forward them.
-ALL_HEADERS = (
-    TRACEPARENT,
-    TRACE_ID,
-    PARENT_ID,
-    USER_ID,
-    SESSION_ID,
-    TAGS,
-    TRACE_NAME,
-    ENVIRONMENT,
-    METADATA,
-    VERSION,
-    PROMPT_NAME,
-    PROMPT_VERSION,
-    SKILLS_AVAILABLE,
-    ATTACH_SKILLS,
-    PUBLISHED_AT,
-    SAMPLED,
-    CRON_ENTRY,
-    CRON_DUE_AT,
-    SIGNATURE,
-    LINK_TRACE_ID,
-)
-
 #: The trace attributes' headers (signed, and ignored from an untrusted sender).
 _ATTRIBUTE_HEADERS = (
     USER_ID,
@@ -114,6 +90,20 @@ _ATTRIBUTE_HEADERS = (
     PROMPT_VERSION,
     SKILLS_AVAILABLE,
     ATTACH_SKILLS,
+)
+
+#: Every header this library writes; a reader may use it to strip or forward them.
+ALL_HEADERS = (
+    TRACEPARENT,
+    TRACE_ID,
+    PARENT_ID,
+    *_ATTRIBUTE_HEADERS,
+    PUBLISHED_AT,
+    SAMPLED,
+    CRON_ENTRY,
+    CRON_DUE_AT,
+    SIGNATURE,
+    LINK_TRACE_ID,
 )
 
 # Limits follow what Langfuse itself accepts for propagated attributes.
