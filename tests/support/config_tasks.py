@@ -60,4 +60,5 @@ def generate(prompt: str) -> str:
 @app.task
 def record_and_fail(prompt: str) -> None:
     generate(prompt)
+    time.sleep(0.005)  # a run of a few milliseconds: Langfuse keeps milliseconds
     raise RuntimeError(f"model refused {prompt}")
