@@ -328,15 +328,10 @@ def _flush_everything() -> None:
 
 
 def _langfuse_clients() -> list[Any]:
-    """The Langfuse clients (resource managers) alive in this process.
-
-    The SDK has no public way to ask whether, or where to, a client exists without
-    creating one; this reads its private registry. Kept in this one function, and
-    covered by a test, so an SDK change breaks loudly here.
-    """
+    """The Langfuse clients (resource managers) alive in this process: the SDK's private
+    registry, read in one place (``client.sdk_resource_managers``)."""
     if "langfuse" not in sys.modules:  # nothing imported langfuse: no client exists
         return []
-    from langfuse._client.resource_manager import LangfuseResourceManager
+    from celery_langfuse.client import sdk_resource_managers
 
-    with LangfuseResourceManager._lock:
-        return list(LangfuseResourceManager._instances.values())
+    return sdk_resource_managers()
