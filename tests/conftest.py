@@ -5,6 +5,7 @@ Every service a test needs must answer; a missing one is a failure, never a skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -93,7 +94,11 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 20.0) -> float:
-        """SIGTERM (warm shutdown), then SIGKILL after ``timeout``; returns seconds taken."""
+        """SIGTERM (warm shutdown), then SIGKILL after ``timeout``; returns seconds taken.
+
+        Whatever the process left behind in its process group (a beat or pool child
+        orphaned by a SIGKILL) is killed too, so it cannot send into a later test's
+        capture server."""
         started = time.monotonic()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -102,7 +107,14 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+                self._note(f"did not stop within {timeout} s of SIGTERM: SIGKILLed")
+        with contextlib.suppress(ProcessLookupError):  # none left
+            os.killpg(self.process.pid, signal.SIGKILL)
         return time.monotonic() - started
+
+    def _note(self, text: str) -> None:
+        with open(self.log_path, "a") as log_file:
+            log_file.write(f"\n[tests/conftest.py] {text}\n")
 
 
 @contextmanager
@@ -190,6 +202,7 @@ def celery_process(
             env=full_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends all of it
         )
     started = WorkerProcess(process, log_path)
     try:
