@@ -380,6 +380,8 @@ class SchedulerWithItsOwnSend(beat.Scheduler):
     """A third-party scheduler that overrides the send (as celery-redbeat does)."""
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        if entry.name.startswith("broken-leaky"):
+            raise beat.SchedulingError(f"Couldn't apply {entry.name}: auth failed password=hunter2")
         if entry.name.startswith("broken"):
             raise beat.SchedulingError(f"Couldn't apply scheduled task {entry.name}: broker down")
         return super().apply_async(entry, producer=producer, advance=advance, **kw)
@@ -469,6 +471,97 @@ def test_an_entry_whose_task_is_excluded_by_configuration_sends_nothing_to_langf
     assert _queued(queue) == 1
     assert "x-langfuse-cron-entry" not in _queued_headers(queue)
     assert [t.name for t in server.traces()] == []
+
+
+# -- beat's input follows the capture policy of a run of its task -------------------
+
+
+def test_a_real_beat_captures_entry_arguments_with_the_installations_redact_keys(
+    langfuse_capture_clean: CaptureServer, tmp_path: Path
+) -> None:
+    """``redact_keys`` set in beat's environment masks a key of the entry's kwargs, as
+    it does for the worker's runs; a secret in free text is scrubbed too."""
+    require_redis()
+    server, queue = langfuse_capture_clean, new_queue()
+    secret = entry_name("secret", queue)
+    env = {
+        "CELERY_LANGFUSE_TEST_BEAT_ENTRIES": "secret",
+        "CELERY_LANGFUSE_REDACT_KEYS": "customer_ref",
+    }
+    try:
+        with beat_process(server.env, queue=queue, env=env, tmp_path=tmp_path) as beat_proc:
+            _wait_until(lambda: f"Sending due task {secret}" in beat_proc.log(), "beat to send")
+    finally:
+        _delete_keys(f"*{queue}*")
+    server.wait_for(lambda s: roots_of(s, secret), timeout=10)
+    for root in roots_of(server, secret):
+        assert root.input == {
+            "args": ["plain"],
+            "kwargs": {"customer_ref": "[REDACTED]", "note": "password=[REDACTED]"},
+        }, root.input
+
+
+def _entry_with_kwargs(app: Any, name: str, task: str = ADD) -> beat.ScheduleEntry:
+    return beat.ScheduleEntry(
+        name=name, task=task, schedule=timedelta(seconds=30), args=(1,),
+        kwargs={"customer_ref": "cust-4711", "y": 2}, app=app,
+        last_run_at=app.now() - timedelta(seconds=32),
+    )
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({"redact_keys": ["customer_ref"]},
+         {"args": [1], "kwargs": {"customer_ref": "[REDACTED]", "y": 2}}),
+        ({"mask": lambda value: "masked"}, {"args": "masked", "kwargs": "masked"}),
+        ({"capture_exclude_tasks": [ADD]}, None),
+        ({"capture_input": False}, None),
+    ],
+    ids=["redact_keys", "mask", "capture_exclude_tasks", "capture_input"],
+)
+def test_beat_input_follows_the_installations_capture_policy(
+    installed: InstalledApp, options: dict[str, Any], expected: Any
+) -> None:
+    app, queue, server = installed.app, installed.queue, installed.server
+    uninstall(app)
+    install(app, **options)
+    entry = f"policy-{queue}"
+    with started_beat(app, beat.Scheduler) as service:
+        scheduler = service.scheduler
+        scheduler.apply_entry(_entry_with_kwargs(app, entry), producer=scheduler.producer)
+    flush_in_process()
+    server.wait_for(lambda s: roots_of(s, entry))
+    [root] = roots_of(server, entry)
+    assert root.input == expected
+
+
+def test_beat_input_is_not_captured_for_a_task_that_opts_out(installed: InstalledApp) -> None:
+    app, queue, server = installed.app, installed.queue, installed.server
+    quiet = f"beat-test-quiet-{queue}"
+    app.task(name=quiet, langfuse_capture=False)(lambda *a, **k: None)
+    entry = f"optout-{queue}"
+    with started_beat(app, beat.Scheduler) as service:
+        scheduler = service.scheduler
+        scheduler.apply_entry(_entry_with_kwargs(app, entry, quiet), producer=scheduler.producer)
+    flush_in_process()
+    server.wait_for(lambda s: roots_of(s, entry))
+    [root] = roots_of(server, entry)
+    assert root.input is None
+
+
+def test_the_status_of_a_run_that_could_not_be_sent_is_scrubbed(installed: InstalledApp) -> None:
+    app, queue, server = installed.app, installed.queue, installed.server
+    entry = f"broken-leaky-{queue}"
+    with started_beat(app, SchedulerWithItsOwnSend) as service:
+        scheduler = service.scheduler
+        scheduler.apply_entry(due_entry(app, entry), producer=scheduler.producer)
+    flush_in_process()
+    server.wait_for(lambda s: roots_of(s, entry))
+    [root] = roots_of(server, entry)
+    assert root.level == "ERROR"
+    assert "hunter2" not in (root.status_message or "")
+    assert "password=[REDACTED]" in (root.status_message or ""), root.status_message
 
 
 def test_wrapping_is_idempotent_and_undone_by_uninstall(

@@ -43,7 +43,7 @@ from . import client, sampling
 from .config import TracingConfig
 from .headers import CronRun, TraceAttributes, TraceParent
 from .logs import warn_rate_limited
-from .payload import capture
+from .payload import describe_exception
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,20 @@ class BeatTracing:
     def on_beat_embedded_init(self, sender: Any = None, **_: Any) -> None:
         """``beat_embedded_init`` (``celery worker -B``), sent after ``beat_init``.
 
-        The worker ends its beat child with SIGTERM and the child leaves without exit
-        hooks, so nothing buffered survives it: this beat sends each run's
-        observations as soon as the run is sent. A standalone beat does not, because
-        its exit flush covers it and with Langfuse unreachable the extra export
-        attempts cost it measurable jitter (see benchmarks/beat_jitter.py).
+        The worker ends its beat child with SIGTERM; billiard's handler turns it into
+        ``SystemExit``, beat stops, and the child leaves through ``os._exit`` after
+        running billiard's exit finalizers but no ``atexit`` hook. So the exit flush
+        is registered as such a finalizer, and this beat also sends each run's
+        observations as soon as the run is sent (a child whose worker was killed
+        never gets its SIGTERM). A standalone beat does neither: its ``atexit``
+        flush covers it, and with Langfuse unreachable the extra export attempts
+        cost it measurable jitter (see benchmarks/beat_jitter.py).
         """
         self.on_beat_init(sender)
         try:
             if sender.scheduler in self._schedulers:
                 self._sending_each_run.add(sender.scheduler)
+                _flush_at_child_exit()
         except Exception:
             warn_rate_limited(log, "beat-init", "celery-langfuse: could not trace celery beat")
 
@@ -195,7 +199,7 @@ class BeatTracing:
         # The message never left, so no worker will score this run: beat does. In a
         # sampled-out trace this failure is recorded after all, as its root.
         try:
-            status = f"not sent: {type(exc).__name__}: {exc}"[:1000]
+            status = self.config.payload.text(f"not sent: {describe_exception(exc)}")
             if run.root is not None:
                 run.root.update(level="ERROR", status_message=status)
             elif self.config.keep_failures:
@@ -218,10 +222,21 @@ class BeatTracing:
             warn_rate_limited(log, "beat-failed", "celery-langfuse: could not record a failed send")
 
     def _capture_input(self, entry: Any) -> Any:
+        """The entry's arguments by the capture policy of a run of its task (size
+        limit, ``redact_keys``, ``mask``, ``capture_exclude_tasks``,
+        ``langfuse_capture=False``), as the worker captures them."""
         if not self.config.capture_input:
             return None
-        limit = self.config.max_payload_chars
-        return {"args": capture(entry.args, limit), "kwargs": capture(entry.kwargs, limit)}
+        task = self.app.tasks.get(entry.task)
+        if not self.config.policy.rules(entry.task).capture or (
+            getattr(task, "langfuse_capture", True) is False
+        ):
+            return None
+        payload = self.config.payload
+        return {
+            "args": payload(list(entry.args or ())),
+            "kwargs": payload(dict(entry.kwargs or {})),
+        }
 
 
 class _CronRoot(NamedTuple):
@@ -242,6 +257,20 @@ def _close(scope: ExitStack, *, send_now: bool) -> None:
             client.flush_in_background()
     except Exception:
         warn_rate_limited(log, "beat-close", "celery-langfuse: could not close a beat run")
+
+
+_child_exit_flush: Optional[Any] = None
+
+
+def _flush_at_child_exit() -> None:
+    """Flush (bounded by ``exit_flush_timeout``) when this billiard child process
+    exits, once per process: its registry is emptied at each fork."""
+    global _child_exit_flush
+    from billiard.util import Finalize
+
+    if _child_exit_flush is None or not _child_exit_flush.still_active():
+        # exitpriority: run among the finalizers at exit, before the lower ones.
+        _child_exit_flush = Finalize(None, client.flush_at_exit, exitpriority=100)
 
 
 def describe_schedule(schedule: Any) -> str:
