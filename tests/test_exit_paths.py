@@ -372,6 +372,28 @@ def test_langfuse_slow_at_exit_bounds_shutdown_and_says_what_it_gave_up(
     assert re.search(r"giving up on \d+ queued observation\(s\)", log), log[-3000:]
 
 
+@pytest.mark.parametrize("pool", ["solo", "threads"])
+def test_langfuse_slow_at_exit_costs_one_flush_timeout_where_tasks_run_in_the_main_process(
+    pool: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """Solo and threads run tasks in the worker's own process, which passes three exit
+    hooks (worker_process_shutdown, worker_shutdown, atexit): they share one
+    ``flush_timeout`` and one warning, not one each."""
+    from tests.support import user_tasks
+
+    capture.set_response(200, delay=30)  # Langfuse answers nothing in time
+    env = {**HOLD, "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "3"}
+    with worker_process(
+        capture.env, "-P", pool, "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
+    ) as worker:
+        results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(5)]
+        assert [r.get(timeout=30) for r in results] == list(range(5))
+        shutdown_seconds = worker.stop()
+    log = worker.log()
+    assert shutdown_seconds < 3 + 2.5, log[-3000:]
+    assert len(re.findall(r"giving up on \d+ queued observation\(s\)", log)) == 1, log[-3000:]
+
+
 # -- the other pools -------------------------------------------------------------
 
 

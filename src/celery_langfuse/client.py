@@ -61,6 +61,11 @@ _exports: list[SpanExport] = []
 _exit_hook_registered = False
 #: Deadline for the flush at interpreter exit; ``install`` sets it from its settings.
 exit_flush_timeout = 3.0
+#: When the process's exit flushes must be done by: set by an exit flush that gave up
+#: (Langfuse unreachable), so that the exit hooks after it (a worker's shutdown
+#: signal, then SIGTERM's or atexit's flush) share its ``exit_flush_timeout`` instead of
+#: waiting again each, and do not warn again. A flush that finishes clears it.
+_exit_deadline: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ def _register_exit_hook() -> None:
     global _exit_hook_registered
     if not _exit_hook_registered:
         _exit_hook_registered = True
-        atexit.register(_shutdown_at_exit)
+        atexit.register(flush_at_exit)
 
 
 def existing_client() -> Optional[langfuse.Langfuse]:
@@ -244,8 +249,33 @@ class attached:  # lower case: used like the function-style context managers bes
         otel_context.detach(self._token)
 
 
-def _shutdown_at_exit() -> None:
-    if not flush(exit_flush_timeout, shutdown=True):
+def flush_before_exit(*, shutdown: bool = False) -> bool:
+    """A flush on the way out of the process, bounded by ``exit_flush_timeout``; right
+    after an exit flush that gave up, only by what is left of that one's time, and
+    quietly (a shutdown still stops the SDK's threads)."""
+    global _exit_deadline
+    now = time.monotonic()
+    if _exit_deadline is not None and now < _exit_deadline + exit_flush_timeout:
+        deadline, warn = _exit_deadline, False  # right after an exit flush gave up
+    else:
+        deadline, warn = now + exit_flush_timeout, True
+    finished = flush(max(deadline - now, 0.05), shutdown=shutdown, warn=warn)
+    _exit_deadline = None if finished else deadline
+    return finished
+
+
+def _reset_exit_budget() -> None:
+    global _exit_deadline
+    _exit_deadline = None
+
+
+os.register_at_fork(after_in_child=_reset_exit_budget)
+
+
+def flush_at_exit() -> None:
+    """The process's last flush (``atexit``; billiard's exit finalizers in an embedded
+    beat), within what is left of the process's exit budget."""
+    if not flush_before_exit(shutdown=True):
         # OpenTelemetry's own exit hook runs next: it shuts the tracer provider down
         # and waits for the export still retrying against an unreachable Langfuse
         # (up to the exporter timeout). The deadline has passed; skip that wait.
@@ -254,7 +284,7 @@ def _shutdown_at_exit() -> None:
             atexit.unregister(provider_shutdown)
 
 
-def flush(timeout: float, *, shutdown: bool = False) -> bool:
+def flush(timeout: float, *, shutdown: bool = False, warn: bool = True) -> bool:
     """Flush (or shut down) everything in this process that holds ended observations,
     giving up after ``timeout`` seconds: this library's exporters, every Langfuse
     client (the user's too, however and whenever it was made) and the OTel tracer
@@ -280,7 +310,7 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
     started = time.monotonic()
     threading.Thread(target=run, name="celery-langfuse-flush", daemon=True).start()
     finished = done.wait(timeout)
-    if not finished:
+    if not finished and warn:
         waiting = holders.waiting()
         log.warning(
             "celery-langfuse: Langfuse did not accept buffered observations within %.1f s; "
@@ -289,7 +319,7 @@ def flush(timeout: float, *, shutdown: bool = False) -> bool:
             timeout,
             "an unknown number of" if waiting is None else waiting,
         )
-    else:
+    elif finished:
         log.debug("celery-langfuse: flushed in %.3f s", time.monotonic() - started)
     return finished
 
@@ -360,7 +390,7 @@ def flush_before_sigterm() -> None:
 def _flush_then_terminate(signum: int, _frame: Any) -> None:
     signal.signal(signum, signal.SIG_DFL)
     try:
-        flush(exit_flush_timeout, shutdown=True)
+        flush_before_exit(shutdown=True)
     finally:
         os.kill(os.getpid(), signum)
 

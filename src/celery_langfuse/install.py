@@ -121,8 +121,10 @@ _warned_missing_keys = False
 
 
 def _flush_before_exit(**_: Any) -> None:
-    """Prefork children exit through ``os._exit``: this signal is their last chance."""
-    client.flush(client.exit_flush_timeout)
+    """Prefork children exit through ``os._exit``: this signal is their last chance.
+    In a process that goes on to ``atexit`` (the worker's main process), that flush
+    gets only what is left of the same exit budget."""
+    client.flush_before_exit()
 
 
 def _warm_up(**_: Any) -> None:

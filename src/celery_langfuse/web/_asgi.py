@@ -104,13 +104,14 @@ def _flushing_at_shutdown(send: Send) -> Send:
     process buffered: a server may end the process without ``atexit`` hooks after it
     (uvicorn re-raises the SIGTERM it handled; its ``--workers`` processes import the
     app only after installing their own signal handlers). Bounded by the installation's
-    ``flush_timeout``, off the event loop.
+    ``flush_timeout`` (the process's exit budget, shared with its later exit flushes),
+    off the event loop.
     """
 
     async def send_after_flushing(message: Message) -> None:
         if message.get("type") in _SHUTDOWN_ANSWERS:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, client.flush, client.exit_flush_timeout)
+            await loop.run_in_executor(None, client.flush_before_exit)
         await send(message)
 
     return send_after_flushing
