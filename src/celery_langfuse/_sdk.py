@@ -17,7 +17,7 @@ docs/design.md, "Langfuse SDK versions"):
   JSON-encodes the rest (4.7 keeps only strings in ``propagate_attributes``, 4.12
   to 4.18 convert the others with ``str()``);
 - what ``propagate_attributes`` carries: ``environment`` since 4.12, ``prompt``
-  since 4.18, ``skills_available`` and ``attach_skills`` since 5.2; ``create_score``
+  since 4.14, ``skills_available`` and ``attach_skills`` since 5.2; ``create_score``
   takes ``environment`` since 4.12;
 - media: uploaded by the exporter from span attributes since 4.12, by the span
   wrapper where a field is set before;
@@ -55,7 +55,7 @@ _FIRST_UNSUPPORTED = (6, 0, 0)
 #: version that added each (the others are in every supported version).
 _PROPAGATED_SINCE = {
     "environment": (4, 12, 0),
-    "prompt": (4, 18, 0),
+    "prompt": (4, 14, 0),
     "skills_available": (5, 2, 0),
     "attach_skills": (5, 2, 0),
 }
