@@ -295,6 +295,13 @@ def test_misconfigured_middleware_setting_raises_when_django_loads_it(
     with override_settings(CELERY_LANGFUSE_DJANGO={"user": "pk"}):
         with pytest.raises(ConfigurationError, match=r"unknown key.*'user'"):
             Client().get("/")
+    # Trust settings are checked by the one web core, through Django too.
+    with override_settings(CELERY_LANGFUSE_DJANGO={"trusted_networks": ["10.0.0.0/33"]}):
+        with pytest.raises(ConfigurationError, match=r"10\.0\.0\.0/33"):
+            Client().get("/")
+    with override_settings(CELERY_LANGFUSE_DJANGO={"trust_secret": ""}):
+        with pytest.raises(ConfigurationError, match="trust_secret"):
+            Client().get("/")
 
 
 def test_broken_request_user_under_asgi_never_breaks_the_request(

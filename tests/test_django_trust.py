@@ -89,3 +89,34 @@ def test_callers_from_a_trusted_network_bring_their_identity_others_do_not(
     capture.clear()
     get("/articles/2016/", SPOOFED, trusted_networks=["10.0.0.0/8"])
     assert request_trace(capture, NAME).user_id is None
+
+
+def test_service_to_service_with_the_secret_continues_the_callers_trace_with_its_identity(
+    django_site: Any, capture: CaptureServer
+) -> None:
+    """The seed architecture's internal call: the caller's headers (``inject_headers``
+    with the shared secret) continue its trace, user and session through Django."""
+    from django.test import Client, override_settings
+    from langfuse import propagate_attributes
+
+    from celery_langfuse import client as langfuse_client
+    from celery_langfuse.web import inject_headers
+    from tests.conftest import flush_in_process
+
+    settings = {"user_id": "username", "trust_secret": SECRET}
+    with (
+        override_settings(CELERY_LANGFUSE_DJANGO=settings),
+        propagate_attributes(user_id="caller-user", session_id="caller-session"),
+        langfuse_client.get_langfuse().start_as_current_observation(
+            name="internal caller"
+        ) as caller,
+    ):
+        headers = inject_headers({}, trust_secret=SECRET)
+        assert Client().get("/articles/2017/", headers=headers).status_code == 200
+    flush_in_process()
+    capture.wait_for(lambda s: any(o.name == NAME for o in s.observations), timeout=20)
+    [request] = [o for o in capture.observations if o.name == NAME]
+    assert (request.trace_id, request.parent_id) == (caller.trace_id, caller.id)
+    assert (request.user_id, request.session_id) == ("caller-user", "caller-session")
+    trace = capture.trace(caller.trace_id)
+    assert trace.orphans() == [] and trace.name == "internal caller"

@@ -8,7 +8,7 @@ naming the key, the value and what is allowed::
         "user_id": "pk",              # attribute of request.user, a callable, or None
         "session_id": True,           # True, False, or a callable taking the request
         "exclude_paths": ["/healthz", "/static/*"],
-        "trust_incoming_headers": True,
+        "trust_secret": os.environ["LANGFUSE_TRUST_SECRET"],  # trusted callers only
     }
 
 Keys other than ``user_id`` and ``session_id`` are the options of the other web
