@@ -380,6 +380,8 @@ class SchedulerWithItsOwnSend(beat.Scheduler):
     """A third-party scheduler that overrides the send (as celery-redbeat does)."""
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+        if entry.name.startswith("stopping"):
+            raise SystemExit(1)  # what billiard's SIGTERM handler raises in beat
         if entry.name.startswith("broken-leaky"):
             raise beat.SchedulingError(f"Couldn't apply {entry.name}: auth failed password=hunter2")
         if entry.name.startswith("broken"):
@@ -480,7 +482,7 @@ def test_a_real_beat_captures_entry_arguments_with_the_installations_redact_keys
     langfuse_capture_clean: CaptureServer, tmp_path: Path
 ) -> None:
     """``redact_keys`` set in beat's environment masks a key of the entry's kwargs, as
-    it does for the worker's runs; a secret in free text is scrubbed too."""
+    it does for the worker's runs."""
     require_redis()
     server, queue = langfuse_capture_clean, new_queue()
     secret = entry_name("secret", queue)
@@ -497,7 +499,7 @@ def test_a_real_beat_captures_entry_arguments_with_the_installations_redact_keys
     for root in roots_of(server, secret):
         assert root.input == {
             "args": ["plain"],
-            "kwargs": {"customer_ref": "[REDACTED]", "note": "password=[REDACTED]"},
+            "kwargs": {"customer_ref": "[REDACTED]", "note": "kept"},
         }, root.input
 
 
@@ -539,7 +541,11 @@ def test_beat_input_follows_the_installations_capture_policy(
 def test_beat_input_is_not_captured_for_a_task_that_opts_out(installed: InstalledApp) -> None:
     app, queue, server = installed.app, installed.queue, installed.server
     quiet = f"beat-test-quiet-{queue}"
-    app.task(name=quiet, langfuse_capture=False)(lambda *a, **k: None)
+
+    @app.task(name=quiet, langfuse_capture=False)
+    def quiet_task(*args: Any, **kwargs: Any) -> None:
+        pass
+
     entry = f"optout-{queue}"
     with started_beat(app, beat.Scheduler) as service:
         scheduler = service.scheduler
@@ -562,6 +568,23 @@ def test_the_status_of_a_run_that_could_not_be_sent_is_scrubbed(installed: Insta
     assert root.level == "ERROR"
     assert "hunter2" not in (root.status_message or "")
     assert "password=[REDACTED]" in (root.status_message or ""), root.status_message
+
+
+def test_a_send_interrupted_by_beat_stopping_is_marked_and_not_scored(
+    installed: InstalledApp,
+) -> None:
+    app, queue, server = installed.app, installed.queue, installed.server
+    entry = f"stopping-{queue}"
+    with started_beat(app, SchedulerWithItsOwnSend) as service, pytest.raises(SystemExit):
+        scheduler = service.scheduler
+        scheduler.apply_entry(due_entry(app, entry), producer=scheduler.producer)
+    flush_in_process()
+    server.wait_for(lambda s: roots_of(s, entry))
+    [root] = roots_of(server, entry)
+    assert (root.level, root.status_message) == (
+        "WARNING", "interrupted: beat stopped while sending (SystemExit)"
+    )
+    assert [t.scores for t in server.traces() if t.name == entry] == [[]]
 
 
 def test_wrapping_is_idempotent_and_undone_by_uninstall(

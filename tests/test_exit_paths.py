@@ -442,7 +442,14 @@ def test_beat_exit_keeps_the_cron_roots_and_what_user_code_in_beat_observed(
     user = [o for o in capture.observations if o.name == "user code in beat"]
     # Beat may send one more after its last log line was read; the log is the count.
     assert len(roots) == sent, beat.log()[-3000:]
-    assert sorted(o.parent_id or "" for o in user) == sorted(o.id for o in roots)
+    # A run whose send beat's SIGTERM interrupted is marked so (its message may not
+    # have left, and user code in it may not have run); every other run has the user's
+    # observation under its root.
+    completed = [o for o in roots if not (o.status_message or "").startswith("interrupted")]
+    assert len(completed) >= sent - 1, [o.status_message for o in roots]
+    assert {o.parent_id for o in user} >= {o.id for o in completed}
+    assert {o.parent_id for o in user} <= {o.id for o in roots}
+    assert len(user) <= len(roots)
 
 
 # -- the web side: API processes with several workers, stopped gracefully ----------

@@ -146,6 +146,12 @@ class BeatTracing:
             if run is not None:
                 self._record_not_sent(run, entry.name, exc)
             raise
+        except BaseException as exc:
+            # Beat stopped (SIGTERM is SystemExit in beat) in the middle of this send:
+            # the message may or may not have left, so the run is marked, not scored.
+            if run is not None and run.root is not None:
+                _mark_interrupted(run.root, exc)
+            raise
         finally:
             if run is not None:
                 _close(scope, send_now=scheduler in self._sending_each_run)
@@ -248,6 +254,16 @@ class _CronRoot(NamedTuple):
     started_ns: int
     metadata: dict[str, Any]
     input: Any
+
+
+def _mark_interrupted(root: client.Observation, exc: BaseException) -> None:
+    try:
+        root.update(
+            level="WARNING",
+            status_message=f"interrupted: beat stopped while sending ({type(exc).__name__})",
+        )
+    except Exception:
+        warn_rate_limited(log, "beat-close", "celery-langfuse: could not close a beat run")
 
 
 def _close(scope: ExitStack, *, send_now: bool) -> None:

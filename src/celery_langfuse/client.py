@@ -58,14 +58,13 @@ _client: Optional[langfuse.Langfuse] = None
 #: Every exporter of lean spans made in this process (see :func:`_recorder`), flushed
 #: with the client.
 _exports: list[SpanExport] = []
-_exit_hook_registered = False
 #: Deadline for the flush at interpreter exit; ``install`` sets it from its settings.
 exit_flush_timeout = 3.0
-#: When the process's exit flushes must be done by: set by an exit flush that gave up
-#: (Langfuse unreachable), so that the exit hooks after it (a worker's shutdown
-#: signal, then SIGTERM's or atexit's flush) share its ``exit_flush_timeout`` instead of
-#: waiting again each, and do not warn again. A flush that finishes clears it.
-_exit_deadline: Optional[float] = None
+#: An exit flush gave up (Langfuse unreachable) and no flush has finished since: the
+#: exit hooks after it (a worker's shutdown signal, then SIGTERM's or atexit's flush)
+#: then take a moment each instead of ``exit_flush_timeout`` again, and do not warn
+#: again, so a process that passes several ends within one timeout.
+_exit_gave_up = False
 
 
 @dataclass(frozen=True)
@@ -112,10 +111,12 @@ def get_langfuse() -> langfuse.Langfuse:
 
 
 def _register_exit_hook() -> None:
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        _exit_hook_registered = True
-        atexit.register(flush_at_exit)
+    """Make :func:`flush_at_exit` the next ``atexit`` hook to run (they run last
+    registered first), ahead of the SDK's own, unbounded one: it shuts every client
+    down, and a client's shutdown first unregisters the SDK's hook. Called again
+    whenever another client may have registered its hook since."""
+    atexit.unregister(flush_at_exit)
+    atexit.register(flush_at_exit)
 
 
 def existing_client() -> Optional[langfuse.Langfuse]:
@@ -251,25 +252,23 @@ class attached:  # lower case: used like the function-style context managers bes
 
 def flush_before_exit(*, shutdown: bool = False) -> bool:
     """A flush on the way out of the process, bounded by ``exit_flush_timeout``; right
-    after an exit flush that gave up, only by what is left of that one's time, and
-    quietly (a shutdown still stops the SDK's threads)."""
-    global _exit_deadline
-    now = time.monotonic()
-    if _exit_deadline is not None and now < _exit_deadline + exit_flush_timeout:
-        deadline, warn = _exit_deadline, False  # right after an exit flush gave up
-    else:
-        deadline, warn = now + exit_flush_timeout, True
-    finished = flush(max(deadline - now, 0.05), shutdown=shutdown, warn=warn)
-    _exit_deadline = None if finished else deadline
+    after an exit flush gave up, a quick and quiet one (a shutdown still stops the
+    SDK's clients and unregisters their own exit hooks)."""
+    global _exit_gave_up
+    quick = _exit_gave_up
+    finished = flush(0.05 if quick else exit_flush_timeout, shutdown=shutdown, warn=not quick)
+    if not finished:
+        _exit_gave_up = True
+        _register_exit_hook()  # ahead of a client's hook registered since: bounded too
     return finished
 
 
-def _reset_exit_budget() -> None:
-    global _exit_deadline
-    _exit_deadline = None
+def _reset_exit_state() -> None:
+    global _exit_gave_up
+    _exit_gave_up = False
 
 
-os.register_at_fork(after_in_child=_reset_exit_budget)
+os.register_at_fork(after_in_child=_reset_exit_state)
 
 
 def flush_at_exit() -> None:
@@ -321,6 +320,7 @@ def flush(timeout: float, *, shutdown: bool = False, warn: bool = True) -> bool:
         )
     elif finished:
         log.debug("celery-langfuse: flushed in %.3f s", time.monotonic() - started)
+        _reset_exit_state()
     return finished
 
 
@@ -809,8 +809,8 @@ def _recorder() -> Optional[Recorder]:
                 if recorder is not None:
                     _exports.append(recorder.export)
                 cached = _recorders = (client, recorder)
-        if cached[1] is not None and client is None:
-            _register_exit_hook()
+            if cached[1] is not None or client is not None:
+                _register_exit_hook()  # after the client's own hook, if it has one
     return cached[1]
 
 

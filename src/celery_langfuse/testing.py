@@ -428,6 +428,7 @@ class CaptureServer:
         self._on_clear: Callable[[list[bytes]], None] | None = None
         self._scores: list[Score] = []
         self._requests = 0
+        self._cleared = 0  # clear() calls: a request held past one is not kept
         self._unhandled: list[str] = []
         self._fault = _Fault()
         self._httpd: _CaptureHTTPServer | None = None
@@ -575,6 +576,7 @@ class CaptureServer:
             self._scores.clear()
             self._requests = 0
             self._unhandled.clear()
+            self._cleared += 1
 
     def set_response(
         self, status: int = 200, delay: float = 0.0, retry_after: float | None = None
@@ -655,8 +657,17 @@ class CaptureServer:
         with self._lock:
             self._requests += 1
             fault = self._fault
+            cleared = self._cleared
         if fault.delay:
             time.sleep(fault.delay)
+            with self._lock:
+                stale = cleared != self._cleared
+            if stale:
+                # Held past a clear(): it belongs to what was cleared (an earlier test),
+                # not to what comes after. Accepted (so nothing retries it) and not kept.
+                if route == _OTLP_PATH:
+                    return 200, {"Content-Type": "application/x-protobuf"}, _EMPTY_OTLP_RESPONSE
+                return _json_reply(200, {"message": "arrived before clear(); not kept"})
         if not 200 <= fault.status < 300:
             extra = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
             return _json_reply(fault.status, {"message": "injected by set_response"}, extra)
