@@ -1,5 +1,6 @@
 """Durable mode on RabbitMQ (an ``amqp://`` durable URL), against the machine's real
-broker: every queue a test makes is named ``durable-amqp-...`` and deleted after.
+broker: every queue a test makes is named ``<CELERY_LANGFUSE_TEST_QUEUE>-amqp-...`` and
+deleted after.
 
 The same counting as on Redis: sent N, N arrived once; what the bound dropped and
 what was moved aside is counted.
@@ -30,6 +31,8 @@ from tests.test_durable import make_spans, running
 pytestmark = pytest.mark.timeout(180)
 
 AMQP_URL = os.environ.get("CELERY_LANGFUSE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+#: This run's queue names on the shared broker start with it (the run's task queue).
+QUEUE_PREFIX = os.environ.get("CELERY_LANGFUSE_TEST_QUEUE", "celery-langfuse-tests") + "-amqp"
 
 
 def require_rabbitmq() -> None:
@@ -44,7 +47,7 @@ def require_rabbitmq() -> None:
 @pytest.fixture
 def queue_name() -> Iterator[str]:
     require_rabbitmq()
-    name = f"durable-amqp-{uuid.uuid4().hex[:8]}"
+    name = f"{QUEUE_PREFIX}-{uuid.uuid4().hex[:8]}"
     yield name
     connection = amqp.Connection("127.0.0.1:5672")
     connection.connect()
