@@ -27,7 +27,7 @@ from celery_langfuse.durable_amqp import AmqpSpanQueue
 from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint
 from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
 from tests.conftest import worker_process
-from tests.durable_support import delivered_once, forwarder_process, free_port
+from tests.durable_support import LimitingProxy, delivered_once, forwarder_process, free_port
 from tests.test_durable import make_spans, running
 
 pytestmark = pytest.mark.timeout(180)
@@ -201,6 +201,70 @@ def totals_lines(caplog: pytest.LogCaptureFixture, marker: str) -> list[str]:
         for r in caplog.records
         if "since it started" in r.getMessage() and marker in r.getMessage()
     ]
+
+
+def test_a_429_retry_after_is_waited_for_on_rabbitmq_then_the_batch_arrives_once(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    ids = fill(queue, batches=1, spans_per_batch=5)
+    capture.set_response(429, retry_after=1.5)
+    proxy = LimitingProxy(capture.base_url)  # no limit: it records when requests arrive
+    try:
+        with running(proxy.forwarder(open_queue(AMQP_URL, queue_name), max_backoff=0.1)):
+            capture.wait_for(lambda s: len(proxy.requests) >= 2, timeout=10)
+            capture.set_response()
+            capture.wait_for(lambda s: len(s.deliveries) == 5, timeout=10)
+            time.sleep(0.5)  # a second delivery, if any, would arrive now
+    finally:
+        proxy.close()
+    delivered_once(capture, ids)
+    # Without Retry-After the forwarder would have retried within 0.1 s, 15 times.
+    assert [status for _, _, status in proxy.requests] == [429, 429, 200]
+    arrivals = [arrived for arrived, _, _ in proxy.requests]
+    assert all(later - earlier >= 1.45 for earlier, later in zip(arrivals, arrivals[1:]))
+
+
+def test_a_413_on_rabbitmq_splits_the_batch_until_each_part_is_accepted_never_looping(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    ids = fill(queue, batches=2, spans_per_batch=10)
+    proxy = LimitingProxy(capture.base_url, limit=3)
+    try:
+        with running(proxy.forwarder(open_queue(AMQP_URL, queue_name))) as forwarder:
+            capture.wait_for(lambda s: len(s.deliveries) == 20, timeout=30)
+            capture.wait_for(lambda s: queue.stats().batches == 0)
+            time.sleep(0.5)  # a second delivery or another split, if any, would come now
+    finally:
+        proxy.close()
+    delivered_once(capture, ids)
+    # 10 -> 5 + 5 -> (2 + 3) + (2 + 3): 3 splits per batch, 7 requests per batch.
+    assert sorted(proxy.sizes) == sorted([10, 5, 5, 2, 3, 2, 3] * 2)
+    totals = forwarder.totals
+    assert (totals.split_batches, totals.forwarded_spans, totals.rejected_spans) == (6, 20, 0)
+    assert queue.stats().count("dead_letter_batches") == 0
+
+
+def test_a_413_for_a_single_span_on_rabbitmq_moves_it_to_the_dead_letters(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    fill(queue, batches=2, spans_per_batch=1)
+    proxy = LimitingProxy(capture.base_url, limit=0)  # even one span is too large
+    try:
+        with running(proxy.forwarder(open_queue(AMQP_URL, queue_name))) as forwarder:
+            capture.wait_for(lambda s: queue.stats().count("dead_letter_batches") == 2, timeout=30)
+            time.sleep(0.5)  # another attempt, if any, would come now
+    finally:
+        proxy.close()
+    assert proxy.sizes == [1, 1]  # one attempt each: cannot shrink, never looped
+    totals = forwarder.totals
+    assert (totals.rejected_batches, totals.rejected_spans, totals.split_batches) == (2, 2, 0)
+    assert queue.stats().batches == 0 and capture.requests == 0
+    channel = queue._open()
+    reasons = [
+        channel.basic_get(f"{queue_name}.dead", no_ack=True).properties["application_headers"]
+        for _ in range(2)
+    ]
+    assert all("413" in headers["reason"] and headers["spans"] == 1 for headers in reasons)
 
 
 def test_a_corrupt_message_goes_to_the_dead_letters_and_never_blocks_the_rest(
