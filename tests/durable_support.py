@@ -16,16 +16,21 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Optional
 
+import httpx
 from redis import Redis
 
-from celery_langfuse.testing import CaptureServer
+from celery_langfuse.durable import DurableQueue
+from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint, count_spans
+from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
 from tests.conftest import REDIS_URL, ROOT
 
 
@@ -212,6 +217,68 @@ def delivered_once(capture: CaptureServer, ids: set[str]) -> None:
     repeated = {span_id: n for span_id, n in deliveries.items() if span_id in ids and n != 1}
     assert not missing, f"{len(missing)} of {len(ids)} spans never arrived"
     assert not repeated, f"spans delivered more than once: {repeated}"
+
+
+class LimitingProxy:
+    """Langfuse with a request size limit: 413 for a request of more than ``limit``
+    spans, else the request goes on to the capture server, whose answer (status,
+    ``Retry-After``) comes back. (The capture server has no size limit to configure;
+    this stands in for Langfuse's body size limit.) ``requests`` records each one:
+    (arrival on this machine's monotonic clock, spans, status)."""
+
+    def __init__(self, target: str, limit: Optional[int] = None) -> None:
+        self.limit = limit
+        self.requests: list[tuple[float, int, int]] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                arrived = time.monotonic()
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                spans = count_spans(body)
+                headers: dict[str, str] = {}
+                if proxy.limit is not None and spans > proxy.limit:
+                    status, text = 413, b"payload too large"
+                else:
+                    answer = httpx.post(
+                        target + self.path,
+                        content=body,
+                        headers={k: v for k, v in self.headers.items() if k != "Host"},
+                    )
+                    status, text = answer.status_code, answer.content
+                    if "retry-after" in answer.headers:
+                        headers["Retry-After"] = answer.headers["retry-after"]
+                proxy.requests.append((arrived, spans, status))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def sizes(self) -> list[int]:
+        """The span count of each request, in arrival order."""
+        return [spans for _, spans, _ in self.requests]
+
+    def forwarder(self, queue: DurableQueue, **options: Any) -> Forwarder:
+        """A forwarder of ``queue`` that sends through this proxy."""
+        options.setdefault("max_backoff", 0.1)
+        options.setdefault("block", 0.1)
+        return Forwarder(
+            queue, LangfuseEndpoint(self.url, PUBLIC_KEY, SECRET_KEY, timeout=5), **options
+        )
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def by_task_id(observations: list[Any], prefix: str) -> dict[str, list[Any]]:

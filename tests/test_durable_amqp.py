@@ -1,5 +1,6 @@
 """Durable mode on RabbitMQ (an ``amqp://`` durable URL), against the machine's real
-broker: every queue a test makes is named ``durable-amqp-...`` and deleted after.
+broker: every queue a test makes is named ``<CELERY_LANGFUSE_TEST_QUEUE>-amqp-...`` and
+deleted after.
 
 The same counting as on Redis: sent N, N arrived once; what the bound dropped and
 what was moved aside is counted.
@@ -8,7 +9,9 @@ what was moved aside is counted.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -24,12 +27,14 @@ from celery_langfuse.durable_amqp import AmqpSpanQueue
 from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint
 from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
 from tests.conftest import worker_process
-from tests.durable_support import delivered_once, forwarder_process
+from tests.durable_support import LimitingProxy, delivered_once, forwarder_process, free_port
 from tests.test_durable import make_spans, running
 
 pytestmark = pytest.mark.timeout(180)
 
 AMQP_URL = os.environ.get("CELERY_LANGFUSE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
+#: This run's queue names on the shared broker start with it (the run's task queue).
+QUEUE_PREFIX = os.environ.get("CELERY_LANGFUSE_TEST_QUEUE", "celery-langfuse-tests") + "-amqp"
 
 
 def require_rabbitmq() -> None:
@@ -44,7 +49,7 @@ def require_rabbitmq() -> None:
 @pytest.fixture
 def queue_name() -> Iterator[str]:
     require_rabbitmq()
-    name = f"durable-amqp-{uuid.uuid4().hex[:8]}"
+    name = f"{QUEUE_PREFIX}-{uuid.uuid4().hex[:8]}"
     yield name
     connection = amqp.Connection("127.0.0.1:5672")
     connection.connect()
@@ -114,31 +119,152 @@ def test_several_forwarders_share_the_rabbitmq_queue_without_sending_a_batch_twi
     assert sum(f.totals.forwarded_spans for f in forwarders) == 480
 
 
-def test_past_the_bound_rabbitmq_drops_the_oldest_and_the_forwarder_counts_them(
-    queue_name: str, capture: CaptureServer
-) -> None:
-    bound = 16 * 1024  # small, for the test: the setting's minimum is 1 MiB
+def overfill(queue_name: str, bound: int, batches: int) -> list[set[str]]:
+    """``batches`` batches of 20 spans (about 8 KiB each) into a queue declared with
+    ``bound``: RabbitMQ drops the oldest into ``.dropped``. The span ids per batch."""
     queue = AmqpSpanQueue.from_url(AMQP_URL, queue_name, max_bytes=bound)
     exporter = DurableSpanExporter(queue, max_bytes=bound)
-    batches = []
-    for b in range(40):
+    ids = []
+    for b in range(batches):
         spans = make_spans(20, prefix=f"{b}-{os.urandom(400).hex()}")
         exporter.export(spans)
-        batches.append({format(s.context.span_id, "016x") for s in spans})
+        ids.append({format(s.context.span_id, "016x") for s in spans})
+    assert exporter.stats().written_spans == 20 * batches  # all confirmed
+    queue.close()
+    return ids
+
+
+def drop_warnings(caplog: pytest.LogCaptureFixture) -> list[tuple[int, int]]:
+    """(spans, batches) of each "were dropped from the durable queue" warning."""
+    found = []
+    for record in caplog.records:
+        match = re.search(r"(\d+) span\(s\) in (\d+) batch\(es\) were dropped", record.getMessage())
+        if match and record.levelno == logging.WARNING:
+            found.append((int(match[1]), int(match[2])))
+    return found
+
+
+def test_past_the_bound_rabbitmq_drops_the_oldest_and_the_forwarder_counts_them(
+    queue_name: str, capture: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_langfuse.forwarder")
+    batches = overfill(queue_name, bound=16 * 1024, batches=40)  # the minimum is 1 MiB
+    queue = AmqpSpanQueue.from_url(AMQP_URL, queue_name)
     with running(forwarder_for(queue_name, capture, stats_every=0.2)) as forwarder:
         # The forwarder counts the drops (every stats_every) and delivers the rest.
         capture.wait_for(lambda s: queue.stats().batches == 0, timeout=30)
         capture.wait_for(lambda s: queue.stats().count("uncounted_drops") == 0, timeout=30)
         time.sleep(0.5)
-    stats = forwarder.queue.stats()
     delivered = set(capture.deliveries)
-    dropped = stats.count("dropped_spans")
+    dropped = forwarder.totals.dropped_spans
     assert dropped > 0
     assert len(delivered) + dropped == 800  # each span arrived or was counted
     delivered_once(capture, delivered)
     # The oldest went, the newest arrived.
     assert batches[-1] <= delivered and not batches[0] & delivered
+    # No worker sees RabbitMQ drop: the forwarder's warnings say it, each drop once.
+    warned = drop_warnings(caplog)
+    assert sum(spans for spans, _ in warned) == dropped
+    assert sum(n for _, n in warned) == forwarder.totals.dropped_batches == dropped // 20
     queue.close()
+
+
+def test_the_forwarders_drop_count_is_logged_while_rabbitmq_is_down_and_when_it_stops(
+    queue_name: str, capture: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ keeps no drop count: the forwarder that took the drop records holds it,
+    and its totals line says it with the broker gone, and once more as it stops."""
+    caplog.set_level(logging.INFO, logger="celery_langfuse.forwarder")
+    batches = overfill(queue_name, bound=16 * 1024, batches=10)
+    forwarder = forwarder_for(queue_name, capture, stats_every=0.2)
+    with running(forwarder):
+        capture.wait_for(lambda s: len(s.deliveries) + forwarder.totals.dropped_spans == 200)
+        # The broker goes away (the shared one is never stopped: this forwarder's
+        # connection now leads to a closed port, the same path as a broker restart).
+        forwarder.queue.url = f"amqp://guest:guest@127.0.0.1:{free_port()}//"  # type: ignore[attr-defined]
+        forwarder.queue.close()
+        capture.wait_for(lambda s: totals_lines(caplog, "not answering"), timeout=20)
+    totals = forwarder.totals
+    assert 0 < totals.dropped_spans < 200
+    assert totals.forwarded_spans + totals.dropped_spans == 200
+    delivered_once(capture, set().union(*batches) - set().union(*batches[: totals.dropped_batches]))
+    counted = f"counted {totals.dropped_spans} dropped spans ({totals.dropped_batches} batches)"
+    down = totals_lines(caplog, "not answering")[0]
+    assert f"delivered {totals.forwarded_spans} spans" in down and counted in down
+    stops = [r.getMessage() for r in caplog.records if " stops; since it started" in r.getMessage()]
+    assert len(stops) == 1 and counted in stops[0]
+
+
+def totals_lines(caplog: pytest.LogCaptureFixture, marker: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if "since it started" in r.getMessage() and marker in r.getMessage()
+    ]
+
+
+def test_a_429_retry_after_is_waited_for_on_rabbitmq_then_the_batch_arrives_once(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    ids = fill(queue, batches=1, spans_per_batch=5)
+    capture.set_response(429, retry_after=1.5)
+    proxy = LimitingProxy(capture.base_url)  # no limit: it records when requests arrive
+    try:
+        with running(proxy.forwarder(open_queue(AMQP_URL, queue_name), max_backoff=0.1)):
+            capture.wait_for(lambda s: len(proxy.requests) >= 2, timeout=10)
+            capture.set_response()
+            capture.wait_for(lambda s: len(s.deliveries) == 5, timeout=10)
+            time.sleep(0.5)  # a second delivery, if any, would arrive now
+    finally:
+        proxy.close()
+    delivered_once(capture, ids)
+    # Without Retry-After the forwarder would have retried within 0.1 s, 15 times.
+    assert [status for _, _, status in proxy.requests] == [429, 429, 200]
+    arrivals = [arrived for arrived, _, _ in proxy.requests]
+    assert all(later - earlier >= 1.45 for earlier, later in zip(arrivals, arrivals[1:]))
+
+
+def test_a_413_on_rabbitmq_splits_the_batch_until_each_part_is_accepted_never_looping(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    ids = fill(queue, batches=2, spans_per_batch=10)
+    proxy = LimitingProxy(capture.base_url, limit=3)
+    try:
+        with running(proxy.forwarder(open_queue(AMQP_URL, queue_name))) as forwarder:
+            capture.wait_for(lambda s: len(s.deliveries) == 20, timeout=30)
+            capture.wait_for(lambda s: queue.stats().batches == 0)
+            time.sleep(0.5)  # a second delivery or another split, if any, would come now
+    finally:
+        proxy.close()
+    delivered_once(capture, ids)
+    # 10 -> 5 + 5 -> (2 + 3) + (2 + 3): 3 splits per batch, 7 requests per batch.
+    assert sorted(proxy.sizes) == sorted([10, 5, 5, 2, 3, 2, 3] * 2)
+    totals = forwarder.totals
+    assert (totals.split_batches, totals.forwarded_spans, totals.rejected_spans) == (6, 20, 0)
+    assert queue.stats().count("dead_letter_batches") == 0
+
+
+def test_a_413_for_a_single_span_on_rabbitmq_moves_it_to_the_dead_letters(
+    queue: AmqpSpanQueue, queue_name: str, capture: CaptureServer
+) -> None:
+    fill(queue, batches=2, spans_per_batch=1)
+    proxy = LimitingProxy(capture.base_url, limit=0)  # even one span is too large
+    try:
+        with running(proxy.forwarder(open_queue(AMQP_URL, queue_name))) as forwarder:
+            capture.wait_for(lambda s: queue.stats().count("dead_letter_batches") == 2, timeout=30)
+            time.sleep(0.5)  # another attempt, if any, would come now
+    finally:
+        proxy.close()
+    assert proxy.sizes == [1, 1]  # one attempt each: cannot shrink, never looped
+    totals = forwarder.totals
+    assert (totals.rejected_batches, totals.rejected_spans, totals.split_batches) == (2, 2, 0)
+    assert queue.stats().batches == 0 and capture.requests == 0
+    channel = queue._open()
+    reasons = [
+        channel.basic_get(f"{queue_name}.dead", no_ack=True).properties["application_headers"]
+        for _ in range(2)
+    ]
+    assert all("413" in headers["reason"] and headers["spans"] == 1 for headers in reasons)
 
 
 def test_a_corrupt_message_goes_to_the_dead_letters_and_never_blocks_the_rest(

@@ -14,18 +14,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
-import httpx
 import pytest
 from redis import Redis
 
 from celery_langfuse.durable import SpanQueue
-from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint, count_spans, split_batch
-from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
+from celery_langfuse.forwarder import Forwarder, split_batch
+from celery_langfuse.testing import CaptureServer
 from tests.conftest import REDIS_URL
-from tests.durable_support import delivered_once
+from tests.durable_support import LimitingProxy, delivered_once
 from tests.test_durable import fill, forwarder_for, make_spans, running
 
 pytestmark = pytest.mark.timeout(120)
@@ -115,62 +112,12 @@ def test_a_429_retry_after_is_waited_for_then_the_batch_arrives_once(
     delivered_once(capture, ids)
 
 
-class _LimitingProxy:
-    """Langfuse with a request size limit: 413 for a request of more than ``limit``
-    spans, else the request goes on to the capture server. (The capture server has no
-    size limit to configure; this stands in for Langfuse's body size limit.)"""
-
-    def __init__(self, target: str, limit: int) -> None:
-        self.limit = limit
-        self.sizes: list[int] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                spans = count_spans(body)
-                proxy.sizes.append(spans)
-                if spans > proxy.limit:
-                    status, text = 413, b"payload too large"
-                else:
-                    answer = httpx.post(
-                        target + self.path,
-                        content=body,
-                        headers={k: v for k, v in self.headers.items() if k != "Host"},
-                    )
-                    status, text = answer.status_code, answer.content
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                self.wfile.write(text)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def forwarder(self, queue_name: str) -> Forwarder:
-        """A forwarder of ``queue_name`` that sends through this proxy."""
-        return Forwarder(
-            SpanQueue.from_url(REDIS_URL, queue_name),
-            LangfuseEndpoint(self.url, PUBLIC_KEY, SECRET_KEY, timeout=5),
-            max_backoff=0.1,
-            block=0.1,
-        )
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_413_splits_the_batch_until_each_part_is_accepted_never_looping(
     queue: SpanQueue, queue_name: str, capture: CaptureServer
 ) -> None:
     ids = fill(queue, batches=2, spans_per_batch=10)
-    proxy = _LimitingProxy(capture.base_url, limit=3)
-    forwarder = proxy.forwarder(queue_name)
+    proxy = LimitingProxy(capture.base_url, limit=3)
+    forwarder = proxy.forwarder(SpanQueue.from_url(REDIS_URL, queue_name))
     try:
         with running(forwarder):
             capture.wait_for(lambda s: len(s.deliveries) == 20, timeout=30)
@@ -191,8 +138,8 @@ def test_a_413_for_a_single_span_moves_it_to_the_dead_letters(
 ) -> None:
     fill(queue, batches=1, spans_per_batch=1)
     ids = fill(queue, batches=1, spans_per_batch=1)  # a second, deliverable one
-    proxy = _LimitingProxy(capture.base_url, limit=0)  # even one span is too large
-    forwarder = proxy.forwarder(queue_name)
+    proxy = LimitingProxy(capture.base_url, limit=0)  # even one span is too large
+    forwarder = proxy.forwarder(SpanQueue.from_url(REDIS_URL, queue_name))
     try:
         with running(forwarder):
             capture.wait_for(lambda s: queue.stats().batches == 0, timeout=30)

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from celery_langfuse import logs
 from celery_langfuse.durable import DurableSpanExporter, SpanQueue
-from celery_langfuse.testing import CaptureServer
+from celery_langfuse.forwarder import Forwarder, LangfuseEndpoint
+from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
 from tests.conftest import REDIS_URL, require_redis, worker_process
 from tests.durable_support import (
     RedisServer,
@@ -31,7 +32,7 @@ from tests.durable_support import (
     redis_server,
     subprocess_env,
 )
-from tests.test_durable import make_spans
+from tests.test_durable import fill, make_spans, running
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -248,6 +249,49 @@ def test_past_the_spill_bound_the_oldest_files_are_dropped_and_counted(tmp_path:
     assert exporter.stats().dropped_spans == 4 * (20 - len(files))
     assert files[-1].read_bytes().endswith(bytes([19]))  # the newest are kept
     exporter.queue.close()
+
+
+def test_the_forwarders_totals_line_still_appears_while_the_queue_is_down(
+    tmp_path: Path, capture: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The forwarder's own totals live in its memory: with the queue's Redis gone, the
+    periodic line still says what it delivered and gave up on, and what the queue had
+    counted as dropped when it last answered."""
+    caplog.set_level(logging.INFO, logger="celery_langfuse.forwarder")
+    with redis_server(tmp_path / "queue-redis") as server:
+        queue = SpanQueue.from_url(server.url, "durable-totals")
+        ids = fill(queue, batches=3, spans_per_batch=4)
+        queue.append(b"not gzip", spans=2, max_bytes=1024 * 1024)
+        queue.add_dropped(2, 9)  # what workers reported dropping in an earlier outage
+        forwarder = Forwarder(
+            SpanQueue.from_url(server.url, "durable-totals"),
+            LangfuseEndpoint(capture.base_url, PUBLIC_KEY, SECRET_KEY, timeout=5),
+            max_backoff=0.2,
+            block=0.1,
+            stats_every=0.2,
+        )
+
+        def totals_lines(marker: str) -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if "since it started" in r.getMessage() and marker in r.getMessage()
+            ]
+
+        with running(forwarder):
+            capture.wait_for(lambda s: forwarder.totals.corrupt_batches == 1, timeout=20)
+            capture.wait_for(lambda s: totals_lines("0 batches waiting"), timeout=20)
+            server.kill()
+            capture.wait_for(lambda s: totals_lines("not answering"), timeout=20)
+        down = totals_lines("not answering")[0]
+
+    delivered_once(capture, ids)
+    assert forwarder.totals.forwarded_spans == 12
+    assert "delivered 12 spans (3 batches)" in down
+    assert "gave up on 0 spans Langfuse refused (0 batches) and 1 corrupt batches" in down
+    assert "9 spans dropped in all when it last answered" in down
+    up = totals_lines("0 batches waiting")[0]
+    assert "1 dead letters, 0 pending, 0 bytes, 9 spans dropped in all (queue and workers)" in up
 
 
 def test_install_refuses_a_durable_queue_it_cannot_use(capture: CaptureServer) -> None:

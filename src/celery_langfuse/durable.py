@@ -139,13 +139,19 @@ class DurableQueue(Protocol):
 
     ``settle`` outcomes: ``"forwarded"`` (Langfuse took it), ``"rejected"`` (refused
     for good) and ``"corrupt"`` (not a valid body); the last two keep a copy in the
-    dead-letter stream or queue.
+    dead-letter stream or queue. ``housekeeping`` is a forwarder's periodic chores; it
+    returns the drops it took off the queue's drop record, for the forwarder to count
+    (nothing where the queue counts its drops itself).
     """
 
     name: str
     #: Whether a batch taken by a forwarder that died must be claimed explicitly
     #: (Redis), or returns to the queue by itself (RabbitMQ).
     needs_claims: bool
+    #: Whether what the queue dropped is counted by the forwarders, each its own share
+    #: since it started (RabbitMQ: see ``housekeeping``), or by the queue itself, one
+    #: count that outlives every process (Redis: ``dropped_*`` in its stats).
+    forwarders_count_drops: bool
 
     def describe(self) -> str: ...
     def ping(self) -> None: ...
@@ -159,7 +165,7 @@ class DurableQueue(Protocol):
     def renew(self, consumer: str, batch: Batch) -> bool: ...
     def settle(self, batch: Batch, outcome: str, reason: str = "") -> bool: ...
     def split(self, batch: Batch, parts: Sequence[tuple[bytes, int]]) -> bool: ...
-    def housekeeping(self, consumer: str) -> None: ...
+    def housekeeping(self, consumer: str) -> Dropped: ...
     def stats(self) -> QueueStats: ...
 
 
@@ -343,6 +349,7 @@ class SpanQueue:
     """The Redis (or Redis Cluster) engine: every command that touches the queue's keys."""
 
     needs_claims = True
+    forwarders_count_drops = False
 
     def __init__(self, redis: Any, name: str = DEFAULT_QUEUE, url: str = "") -> None:
         self.redis = redis
@@ -488,9 +495,11 @@ class SpanQueue:
             args += [data, spans]
         return bool(self._split(keys=[self.stream, self.stats_key], args=args))
 
-    def housekeeping(self, consumer: str) -> None:
-        """A forwarder's periodic chores: forget the consumers of forwarders that exited."""
+    def housekeeping(self, consumer: str) -> Dropped:
+        """A forwarder's periodic chores: forget the consumers of forwarders that
+        exited. Drops are counted in the stats hash as they happen: none to return."""
         self.forget_idle_consumers(FORGET_CONSUMERS_AFTER, keep=consumer)
+        return Dropped()
 
     def forget_idle_consumers(self, idle_seconds: float, keep: str) -> list[str]:
         """Remove consumers with nothing pending, idle for ``idle_seconds``: the names

@@ -11,7 +11,8 @@ RabbitMQ's own mechanisms, through py-amqp (a dependency of Celery's kombu):
 ``<name>.dropped``
     What the bound dropped, and a record of what workers dropped while they could not
     reach RabbitMQ (an empty message whose headers carry the counts). Forwarders
-    consume it, count it (their log and stats) and discard it.
+    consume it and discard it; each adds what it took to its own totals and logs it
+    (RabbitMQ keeps no count: see docs/reliability.md for what an operator reads).
 ``<name>.dead``
     The dead letters: batches Langfuse refused for good or that are not a valid body,
     with ``reason`` and ``spans`` headers; capped at the newest ``DEAD_LETTER_MAX``.
@@ -44,6 +45,7 @@ from urllib.parse import unquote, urlsplit
 import amqp
 
 from .durable import DEAD_LETTER_MAX, Batch, Dropped, QueueStats, QueueUnavailable, redact
+from .durable_backlog import Counts
 
 _CONFIRM_TIMEOUT = 10.0
 #: Dropped-record messages a forwarder reads per stats call at most.
@@ -58,6 +60,7 @@ class AmqpSpanQueue:
     """
 
     needs_claims = False
+    forwarders_count_drops = True
 
     def __init__(self, url: str, name: str, max_bytes: Optional[int] = None) -> None:
         self.url = url
@@ -71,7 +74,6 @@ class AmqpSpanQueue:
         self._pid = 0
         self._deliveries: deque[Any] = deque()
         self._consuming = False
-        self._dropped = {"dropped_batches": 0, "dropped_spans": 0}
 
     @classmethod
     def from_url(cls, url: str, name: str, max_bytes: Optional[int] = None) -> AmqpSpanQueue:
@@ -297,19 +299,24 @@ class AmqpSpanQueue:
                 raise
             return True
 
-    def housekeeping(self, consumer: str) -> None:
-        """Count (and discard) what ``.dropped`` holds into this forwarder's totals.
-        RabbitMQ forgets a consumer when its channel closes, so nothing else to do."""
+    def housekeeping(self, consumer: str) -> Dropped:
+        """Take (and discard) what ``.dropped`` holds: the drops, for the forwarder to
+        count; RabbitMQ keeps no count of its own. (It forgets a consumer when its
+        channel closes, so nothing else to do.)"""
+        taken = Counts()
         with self._lock:
             try:
-                self._count_dropped(self._open())
+                self._take_dropped(self._open(), taken)
             except Exception:
                 self._drop_connection()
-                raise
+                if not taken.batches:
+                    raise
+                # Taken off the broker already: count them; the next call meets the error.
+        return Dropped(taken.batches, taken.spans)
 
     def stats(self) -> QueueStats:
-        """Ready batches of the queue and dead letters, with the drops this forwarder
-        counted (see :meth:`housekeeping`) and those still waiting to be counted."""
+        """Ready batches of the queue, dead letters, and the drop records not yet
+        taken by a forwarder (``uncounted_drops``)."""
         with self._lock:
             try:
                 channel = self._open()
@@ -319,19 +326,16 @@ class AmqpSpanQueue:
             except Exception:
                 self._drop_connection()
                 raise
-        counters = dict(
-            self._dropped, dead_letter_batches=dead, consumers=consumers, uncounted_drops=uncounted
-        )
+        counters = dict(dead_letter_batches=dead, consumers=consumers, uncounted_drops=uncounted)
         return QueueStats(batches=ready, bytes=0, pending=0, counters=counters)
 
-    def _count_dropped(self, channel: Any) -> None:
+    def _take_dropped(self, channel: Any, taken: Counts) -> None:
         for _ in range(_DROPPED_PER_CALL):
             message = channel.basic_get(self.dropped_queue, no_ack=True)
             if message is None:
                 return
             headers = message.properties.get("application_headers") or {}
-            self._dropped["dropped_batches"] += int(headers.get("batches", 1))
-            self._dropped["dropped_spans"] += int(headers.get("spans", 0))
+            taken.add(int(headers.get("batches", 1)), int(headers.get("spans", 0)))
 
     def _batch(self, message: Any) -> Batch:
         headers = message.properties.get("application_headers") or {}

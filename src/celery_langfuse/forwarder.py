@@ -42,7 +42,7 @@ from langfuse import __version__ as langfuse_version
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from . import _sdk
-from .durable import Batch, DurableQueue
+from .durable import Batch, Dropped, DurableQueue, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +194,23 @@ def _decode(data: bytes) -> ExportTraceServiceRequest:
 
 @dataclass
 class ForwarderStats:
-    """What one forwarder did since it started (batches and spans per outcome)."""
+    """What one forwarder did since it started (batches and spans per outcome): in
+    its memory, so that it can say so while the queue does not answer."""
 
+    #: Delivered: Langfuse answered 2xx.
     forwarded_batches: int = 0
     forwarded_spans: int = 0
+    #: Given up on: Langfuse refused them for good (moved to the dead letters).
     rejected_batches: int = 0
     rejected_spans: int = 0
+    #: Not a valid body (moved to the dead letters unsent).
     corrupt_batches: int = 0
     split_batches: int = 0
     retries: int = 0
+    #: Dropped by the queue's bound or by workers, as this forwarder counted them off
+    #: the queue's drop record (RabbitMQ; the Redis queue counts its drops itself).
+    dropped_batches: int = 0
+    dropped_spans: int = 0
 
 
 class Forwarder:
@@ -240,6 +248,7 @@ class Forwarder:
         self._last_housekeeping = time.monotonic()
         self._queue_down_since: Optional[float] = None
         self._last_reminder = 0.0
+        self._last_stats: Optional[QueueStats] = None
 
     @property
     def forwarded_spans(self) -> int:
@@ -269,6 +278,8 @@ class Forwarder:
                 joined = False
                 self.stop_event.wait(min(self.max_backoff, 5.0))
             self._housekeeping()
+        # Its counts end with it: the last line keeps them for the operator.
+        log.info("celery-langfuse forwarder %s stops; %s", self.consumer, self._own_totals())
 
     def _queue_failed(self, error: Exception) -> None:
         """One warning saying what to do when the queue stops answering, a reminder
@@ -438,31 +449,73 @@ class Forwarder:
         return True
 
     def _housekeeping(self) -> None:
+        """Every ``stats_every``: the queue's chores, then one line with this
+        forwarder's totals and the queue's, or, while the queue does not answer, the
+        totals alone (they live here) and what the queue said when it last answered."""
         now = time.monotonic()
         if now - self._last_housekeeping < self.stats_every:
             return
         self._last_housekeeping = now
         try:
-            self.queue.housekeeping(self.consumer)
-            stats = self.queue.stats()
-        except Exception:
-            return  # the main loop reports queue errors
-        totals = self.totals
-        log.info(
-            "celery-langfuse forwarder %s: forwarded %d spans (%d batches); rejected %d "
-            "spans, %d corrupt batches, %d split; queue: %d batches, %d bytes, %d pending, "
-            "%d dead letters; dropped %d spans so far (queue and workers)",
+            self._count_drops(self.queue.housekeeping(self.consumer))
+            self._last_stats = self.queue.stats()
+            queue = self._queue_summary(self._last_stats)
+        except Exception as error:
+            queue = self._queue_down_summary(error)
+        log.info("celery-langfuse forwarder %s %s; %s", self.consumer, self._own_totals(), queue)
+
+    def _count_drops(self, dropped: Dropped) -> None:
+        """Add what the queue's drop record held (RabbitMQ) to the totals, and say so:
+        on that engine no worker sees the bound drop, so this is where it shows."""
+        if not dropped.batches:
+            return
+        self.totals.dropped_batches += dropped.batches
+        self.totals.dropped_spans += dropped.spans
+        log.warning(
+            "celery-langfuse forwarder %s: %d span(s) in %d batch(es) were dropped from the "
+            "durable queue %s (its bound, durable_max_bytes, dropped the oldest, or workers "
+            "could not reach it); %d counted by this forwarder since it started. Are enough "
+            "forwarders running and Langfuse up?",
             self.consumer,
-            totals.forwarded_spans,
-            totals.forwarded_batches,
-            totals.rejected_spans,
-            totals.corrupt_batches,
-            totals.split_batches,
-            stats.batches,
-            stats.bytes,
-            stats.pending,
-            stats.count("dead_letter_batches"),
-            stats.count("dropped_spans"),
+            dropped.spans,
+            dropped.batches,
+            self.queue.describe(),
+            self.totals.dropped_spans,
+        )
+
+    def _own_totals(self) -> str:
+        t = self.totals
+        text = (
+            f"since it started: delivered {t.forwarded_spans} spans ({t.forwarded_batches} "
+            f"batches); gave up on {t.rejected_spans} spans Langfuse refused "
+            f"({t.rejected_batches} batches) and {t.corrupt_batches} corrupt batches, moved "
+            f"to the dead letters; split {t.split_batches} batches"
+        )
+        if self.queue.forwarders_count_drops:
+            text += f"; counted {t.dropped_spans} dropped spans ({t.dropped_batches} batches)"
+        return text
+
+    def _queue_down_summary(self, error: Exception) -> str:
+        down = self._queue_down_since
+        text = f"queue {self.queue.describe()}: not answering" + (
+            f" for {time.monotonic() - down:.0f} s" if down is not None else ""
+        )
+        text += f" ({type(error).__name__})"
+        last = self._last_stats
+        if last is not None and not self.queue.forwarders_count_drops:
+            text += f", {last.count('dropped_spans')} spans dropped in all when it last answered"
+        return text
+
+    def _queue_summary(self, stats: QueueStats) -> str:
+        text = (
+            f"queue {self.queue.describe()}: {stats.batches} batches waiting, "
+            f"{stats.count('dead_letter_batches')} dead letters"
+        )
+        if self.queue.forwarders_count_drops:
+            return text + f", {stats.count('uncounted_drops')} drop records not yet counted"
+        return (
+            text + f", {stats.pending} pending, {stats.bytes} bytes, "
+            f"{stats.count('dropped_spans')} spans dropped in all (queue and workers)"
         )
 
 
