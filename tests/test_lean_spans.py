@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from celery_langfuse import client, otlp
 from celery_langfuse.spans import LeanSpan
@@ -45,6 +45,7 @@ def test_the_session_client_records_lean_observations(capture: CaptureServer) ->
 def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
     context = SpanContext(0xABC << 64 | 7, 0x1234, False, TraceFlags(1))
     parent = SpanContext(0xABC << 64 | 7, 0x99, True, TraceFlags(1))
+    linked = SpanContext(0xDEF << 64 | 9, 0x77, True, TraceFlags(1))  # another trace's span
     attributes = {
         "langfuse.observation.input": '{"args":[1,"é"],"kwargs":{}}',
         "count": -3,
@@ -76,6 +77,7 @@ def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
                     events=events,
                     status_code=otlp.STATUS_ERROR,
                     status_message="boom",
+                    links=[(linked.trace_id, linked.span_id)],
                 )
             )
         ],
@@ -92,8 +94,12 @@ def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
         status=Status(StatusCode.ERROR, "boom"),
         start_time=1_000,
         end_time=2_000,
+        links=[Link(linked)],
     )
-    assert ExportTraceServiceRequest.FromString(ours) == encode_spans([sdk_span])
+    decoded = ExportTraceServiceRequest.FromString(ours)
+    assert decoded == encode_spans([sdk_span])
+    (link,) = decoded.resource_spans[0].scope_spans[0].spans[0].links
+    assert (link.trace_id.hex(), link.span_id.hex()) == (f"{linked.trace_id:032x}", "77".zfill(16))
 
 
 def test_propagated_attributes_and_sdk_updates_land_on_a_lean_observation(
