@@ -202,6 +202,21 @@ def test_the_sdk_span_path_still_makes_parentless_roots(
     assert received.duration >= 1.9
 
 
+def test_the_sdk_span_path_writes_no_metadata_key_for_none(
+    capture: CaptureServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the SDK (and the lean path) do: a None value is no key, where an attribute
+    without a value would reach Langfuse as ``{}``."""
+    monkeypatch.setattr(client, "_recorders", (client.get_langfuse(), None))
+    observation = client.start_observation("run", metadata={"queue": None, "task_id": "t-1"})
+    observation.end()
+    assert not isinstance(observation.span, LeanSpan)
+    exported(capture, 1)
+    (received,) = capture.observations
+    assert received.metadata == {"task_id": "t-1"}
+    assert "langfuse.observation.metadata.queue" not in received.attributes
+
+
 def test_names_copied_from_the_sdk_still_match_it() -> None:
     """spans.py keeps a few SDK names so that a worker need not import the SDK."""
     from langfuse._client import constants, propagation

@@ -723,7 +723,9 @@ def start_observation(
             attributes[_METADATA] = masked
         elif type(masked) is dict:
             for key, value in masked.items():  # the SDK's span: as the SDK writes it
-                attributes[f"{_METADATA}.{key}"] = _metadata_value(value)
+                encoded = _metadata_value(value)
+                if encoded is not None:  # the SDK writes no key for None
+                    attributes[f"{_METADATA}.{key}"] = encoded
         else:
             attributes[_METADATA] = _encode(masked)  # a mask that made it a non-dict
     if level is not None:
