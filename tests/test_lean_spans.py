@@ -19,8 +19,9 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from celery_langfuse import client, otlp
+from celery_langfuse.headers import TraceParent
 from celery_langfuse.spans import LeanSpan
-from celery_langfuse.testing import CaptureServer
+from celery_langfuse.testing import CaptureServer, SpanLink
 
 
 @pytest.fixture
@@ -181,6 +182,23 @@ def test_an_observation_carrying_media_is_handed_to_the_sdk(capture: CaptureServ
     (received,) = capture.observations
     assert "base64," not in str(received.input)
     assert "@@@langfuseMedia" in str(received.input)
+
+
+def test_a_linked_root_handed_to_the_sdk_for_its_media_keeps_its_link(
+    capture: CaptureServer,
+) -> None:
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+    caller = TraceParent("ca" * 16, "fe" * 8)
+    observation = client.start_observation(
+        "linked root", input={"image": image}, root_of="5e" * 16, link=caller
+    )
+    observation.end()
+    assert isinstance(observation.span, LeanSpan)
+    exported(capture, 1)
+    (received,) = capture.observations
+    assert "@@@langfuseMedia" in str(received.input)  # the SDK's processor sent it
+    assert (received.trace_id, received.parent_id) == ("5e" * 16, None)
+    assert received.links == [SpanLink("ca" * 16, "fe" * 8)]
 
 
 def test_the_sdk_span_path_still_makes_parentless_roots(
