@@ -164,8 +164,10 @@ def test_past_max_trace_observations_further_tasks_start_linked_traces(
         child = capture.trace(publish.metadata["linked_trace_id"])
         assert_linked_child(child, parent, publish, LEAF, capture.base_url)
     assert log_text.count("max_trace_observations") == 1, log_text[-3000:]
-    # The worker says, once it is ready, that a linked_trace_tasks pattern names no task.
-    assert "linked_trace_tasks: 'no.*' match(es) no task" in log_text
+    # The worker says, once its app is finalized, that a pattern names no task; once
+    # (its pool processes inherit the finalized app).
+    assert log_text.count("linked_trace_tasks: 'no.*' match(es) none of the tasks") == 1
+    assert f"(its tasks: {PREFIX}dies_once, {FAN_OUT}, {FAN_OUT}_chord," in log_text
     print(f"\nguard at 10: {len(in_parent)} runs in the trace, {len(linked)} linked traces")
 
 
@@ -301,19 +303,68 @@ def run_in_worker(installation: Any, task: Any, message: dict[str, Any]) -> Any:
 def test_a_pattern_naming_no_registered_task_is_an_error_at_install() -> None:
     app = Celery("fanout-validation")
 
-    @app.task(name="proj.fan.leaf")
+    @app.task(name="proj.fan.leaf", shared=False)
     def leaf() -> None:
         return None
 
     app.finalize()
-    with pytest.raises(ConfigurationError, match=r"linked_trace_tasks=.*'proj\.nope\.\*'"):
+    with pytest.raises(
+        ConfigurationError,
+        # The tasks named: this app's (and the shared ones other modules of this test
+        # session defined, which every app gets).
+        match=r"linked_trace_tasks=.*'proj\.nope\.\*' match\(es\) none of the tasks "
+        r"registered in app 'fanout-validation' \(its tasks: proj\.fan\.leaf[,)]",
+    ):
         install(app, linked_trace_tasks=["proj.fan.*", "proj.nope.*"])
     install(app, linked_trace_tasks=["proj.fan.*"])
     uninstall(app)
-    # Not finalized yet (tasks may still be imported): checked when the worker is ready.
-    later = Celery("fanout-validation-later")
-    install(later, linked_trace_tasks=["proj.later.*"])
-    uninstall(later)
+
+
+def test_a_pattern_naming_no_task_warns_once_when_the_app_finalizes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer (a web app, say) decides linking at publish but runs no worker: its
+    patterns are checked when its app finalizes, whatever process it is."""
+    app = Celery("web-producer")
+
+    @app.task(name="proj.web.send_email", shared=False)
+    def send_email() -> None:
+        return None
+
+    install(app, linked_trace_tasks=["proj.web.*", "proj.mail.*"])  # not finalized yet
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_langfuse.install"):
+            app.finalize()
+            app.finalize()  # once only
+            assert send_email.name == "proj.web.send_email"
+    finally:
+        uninstall(app)
+    (warning,) = [r.getMessage() for r in caplog.records if "linked_trace_tasks" in r.getMessage()]
+    assert "'proj.mail.*' match(es) none of the tasks registered in app 'web-producer'" in warning
+    assert "(its tasks: proj.web.send_email" in warning and "'proj.web.*'" not in warning
+
+
+def test_patterns_that_all_match_or_an_uninstalled_app_warn_nothing_at_finalize(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    matching, uninstalled = Celery("all-match"), Celery("uninstalled")
+
+    def leaf() -> None:
+        return None
+
+    for app in (matching, uninstalled):
+        app.task(name="proj.ok.leaf", shared=False)(leaf)
+    install(matching, linked_trace_tasks=["proj.ok.*"])
+    install(uninstalled, linked_trace_tasks=["proj.typo.*"])
+    uninstall(uninstalled)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_langfuse.install"):
+            matching.finalize()
+            uninstalled.finalize()
+    finally:
+        uninstall(matching)
+    assert "proj.ok.leaf" in matching.tasks and "proj.ok.leaf" in uninstalled.tasks
+    assert [r for r in caplog.records if "linked_trace_tasks" in r.getMessage()] == []
 
 
 def test_a_linked_message_is_signed_and_only_a_trusted_one_is_followed() -> None:
