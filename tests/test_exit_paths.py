@@ -500,19 +500,62 @@ def test_an_api_stopped_gracefully_right_after_its_requests_keeps_every_observat
             except httpx.HTTPError:
                 assert api.poll() is None and time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.1)
-        n = 12
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
-            for order in range(n):
-                assert http.post(f"/orders/{order}").status_code == 200
+        # A fresh connection for each request, so that both server workers serve some:
+        # the kernel hands each new connection to one of them (one keep-alive
+        # connection would have stayed with one worker).
+        answers: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + 60
+        while len(answers) < 12 or len({a["pid"] for a in answers.values()}) < 2:
+            assert time.monotonic() < deadline, f"one worker served all: {answers}"
+            order = len(answers)
+            reply = httpx.post(f"http://127.0.0.1:{port}/orders/{order}", timeout=10)
+            assert reply.status_code == 200, reply.text
+            answers[order] = reply.json()
     finally:
         api.send_signal(signal.SIGTERM)
         api.wait(30)
     log_text = log_path.read_text(errors="replace")
+    pids = {answer["pid"] for answer in answers.values()}
+    assert len(pids) >= 2, answers
+    arrived, problems = _requests_with_their_observations(capture, answers)
+    assert problems == [], (
+        f"{arrived}/{len(answers)} requests arrived with their observations "
+        f"(served by pids {sorted(pids)})\n" + "\n".join(problems) + "\n" + log_text[-3000:]
+    )
+
+
+def _requests_with_their_observations(
+    capture: CaptureServer, answers: dict[int, dict[str, Any]]
+) -> tuple[int, list[str]]:
+    """How many requests arrived as one trace each: the request's observation, with
+    exactly its own two children, the generation ``llm <order>`` made by the server
+    worker that answered and the publish of the task id it answered with."""
     observations = capture.observations
+    by_id = {o.id: o for o in observations}
     requests = [o for o in observations if o.name.startswith("POST /orders")]
-    assert len(requests) == n, log_text[-3000:]
-    for request in requests:
-        children = sorted(o.name for o in observations if o.parent_id == request.id)
-        assert len(children) == 2 and children[1] == "publish tests.support.tasks.add", children
-        assert children[0].startswith("llm ")
-    assert len({o.name for o in observations if o.name.startswith("llm ")}) == n
+    problems = []
+    if len(requests) != len(answers):
+        problems.append(f"{len(requests)} request observations for {len(answers)} requests")
+    for order, answer in answers.items():
+        generations = [o for o in observations if o.name == f"llm {order}"]
+        if len(generations) != 1:
+            problems.append(f"request {order}: {len(generations)} generations 'llm {order}'")
+            continue
+        [generation] = generations
+        request = by_id.get(generation.parent_id or "")
+        if request is None or request not in requests:
+            problems.append(f"request {order}: its generation's parent did not arrive")
+            continue
+        children = [o for o in observations if o.parent_id == request.id]
+        publishes = [o for o in children if o.name == "publish tests.support.tasks.add"]
+        if len(children) != 2 or len(publishes) != 1:
+            problems.append(f"request {order}: children {sorted(o.name for o in children)}")
+        elif publishes[0].metadata.get("task_id") != answer["task_id"]:
+            problems.append(f"request {order}: the publish of another task")
+        elif {o.trace_id for o in (request, generation, publishes[0])} != {request.trace_id}:
+            problems.append(f"request {order}: its observations are in several traces")
+        elif generation.metadata.get("pid") != answer["pid"]:
+            problems.append(f"request {order}: generation made by pid {generation.metadata}")
+    if len({o.trace_id for o in requests}) != len(requests):
+        problems.append("requests share a trace")
+    return len(answers) - len(problems), problems

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from celery.exceptions import SoftTimeLimitExceeded
 from langfuse import get_client, observe
@@ -26,9 +26,13 @@ __all__ = ["app"]
 _retained: list[bytes] = []
 
 
-def record_generation(name: str) -> None:
+def record_generation(name: str, metadata: Optional[dict[str, Any]] = None) -> None:
     with get_client().start_as_current_observation(
-        name=name, as_type="generation", model="fake-model", input={"prompt": name}
+        name=name,
+        as_type="generation",
+        model="fake-model",
+        input={"prompt": name},
+        metadata=metadata,
     ) as generation:
         generation.update(output=f"answer to {name}", usage_details={"input": 3, "output": 5})
 
