@@ -80,6 +80,15 @@ def assert_all_arrived(
     )
 
 
+def generation_and_its_run(capture: CaptureServer, n: int, result: Any) -> tuple[Any, Any]:
+    """The one generation ``llm <n>`` and its parent, checked to be the run of ``result``
+    in the same trace."""
+    [generation] = [o for o in capture.observations if o.name == f"llm {n}"]
+    [run] = [o for o in capture.observations if o.id == generation.parent_id]
+    assert (run.metadata.get("task_id"), run.trace_id) == (result.id, generation.trace_id)
+    return generation, run
+
+
 def wait_until_running(key: str, count: int, worker: WorkerProcess, timeout: float = 20) -> None:
     redis = Redis.from_url(REDIS_URL)
     deadline = time.monotonic() + timeout
@@ -236,19 +245,54 @@ def test_hard_time_limit_keeps_the_killed_runs_observations_and_earlier_ones(
         worker.stop()
     assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
     for n, result in enumerate(killed, start=3):
-        [generation] = [o for o in capture.observations if o.name == f"llm {n}"]
-        [run] = [o for o in capture.observations if o.id == generation.parent_id]
-        assert (run.metadata.get("task_id"), run.trace_id) == (result.id, generation.trace_id)
+        _, run = generation_and_its_run(capture, n, result)
         assert run.level == "ERROR"
         assert "terminated while running" in (run.status_message or "")
 
 
+#: How a cold shutdown is asked for: the worker's extra environment, and its signal.
+COLD_SHUTDOWNS = {
+    "SIGQUIT": ({}, signal.SIGQUIT),
+    # Celery's (billiard's) REMAP_SIGTERM=SIGQUIT, for platforms that stop with SIGTERM
+    # only (Heroku, some container schedulers): SIGTERM is then a cold shutdown.
+    "SIGTERM-with-REMAP_SIGTERM": ({"REMAP_SIGTERM": "SIGQUIT"}, signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("how", list(COLD_SHUTDOWNS))
 def test_cold_shutdown_keeps_the_observations_of_finished_tasks(
+    how: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """The pool children are terminated at once. Finished tasks' observations are
+    flushed by each child as it is terminated; the running task's run is ended as an
+    ERROR with the observations it had finished (its still-open ones are lost)."""
+    from tests.support import user_tasks
+
+    extra_env, cold_signal = COLD_SHUTDOWNS[how]
+    with worker_process(
+        capture.env, "-P", "prefork", "-c", "2",
+        env={**HOLD, **extra_env}, tmp_path=tmp_path, module=USER_TASKS,
+    ) as worker:
+        done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(6)]
+        assert [r.get(timeout=30) for r in done] == list(range(6))
+        running = user_tasks.llm_then_hang.apply_async((6, 30), queue=worker.queue)
+        wait_until_received([running], worker)
+        time.sleep(0.3)  # inside the task's sleep, after its generation ended
+        started = time.monotonic()
+        worker.process.send_signal(cold_signal)
+        worker.process.wait(30)
+    assert time.monotonic() - started < 20, "a warm shutdown: it waited for the task"
+    assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
+    _, run = generation_and_its_run(capture, 6, running)
+    assert run.level == "ERROR"
+    assert "terminated while running" in (run.status_message or "")
+
+
+def test_a_second_sigterm_is_still_a_warm_shutdown_and_keeps_everything(
     tasks_app: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
-    """SIGQUIT: the pool children are terminated at once. Finished tasks' observations
-    are flushed by each child as it is terminated; the running task's run is ended as
-    an ERROR with the observations it had finished (its still-open ones are lost)."""
+    """Celery repeats the warm shutdown on each SIGTERM (only SIGQUIT, a second Ctrl+C
+    or REMAP_SIGTERM make it cold): the running task finishes, and nothing is lost."""
     from tests.support import user_tasks
 
     with worker_process(
@@ -256,49 +300,51 @@ def test_cold_shutdown_keeps_the_observations_of_finished_tasks(
     ) as worker:
         done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(6)]
         assert [r.get(timeout=30) for r in done] == list(range(6))
-        running = user_tasks.llm_then_hang.apply_async((6, 30), queue=worker.queue)
-        capture_deadline = time.monotonic() + 20
-        while not _worker_log_shows(worker, running.id) and time.monotonic() < capture_deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # inside the task's sleep, after its generation ended
-        worker.process.send_signal(signal.SIGQUIT)
+        running = user_tasks.llm_then_hang.apply_async((6, 3), queue=worker.queue)
+        wait_until_received([running], worker)
+        time.sleep(0.3)
+        worker.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        worker.process.send_signal(signal.SIGTERM)
         worker.process.wait(30)
+    assert worker.log().count("worker: Warm shutdown (MainProcess)") == 2, worker.log()
+    assert running.get(timeout=5) == "slept"
     assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
-    [generation] = [o for o in capture.observations if o.name == "llm 6"]
-    [run] = [o for o in capture.observations if o.id == generation.parent_id]
-    assert (run.metadata.get("task_id"), run.trace_id) == (running.id, generation.trace_id)
-    assert run.level == "ERROR"
-    assert "terminated while running" in (run.status_message or "")
+    _, run = generation_and_its_run(capture, 6, running)
+    assert (run.level, run.output) == ("DEFAULT", "slept")
 
 
-def _worker_log_shows(worker: WorkerProcess, task_id: str) -> bool:
-    return f"[{task_id}] received" in worker.log()
+def wait_until_received(results: Sequence[Any], worker: WorkerProcess) -> None:
+    """Until the worker's log shows that it received each of ``results``."""
+    deadline = time.monotonic() + 20
+    while not all(f"[{r.id}] received" in worker.log() for r in results):
+        assert time.monotonic() < deadline, worker.log()
+        time.sleep(0.05)
 
 
 def test_soft_shutdown_lets_running_tasks_finish_and_keeps_their_observations(
     tasks_app: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
     """Celery >= 5.5: a cold shutdown request first waits ``--soft-shutdown-timeout``
-    seconds for running tasks (soft shutdown), then goes on as a cold shutdown."""
+    seconds for running tasks (soft shutdown), then goes on as a cold shutdown. The
+    tasks have no time limit: only the soft shutdown decides that they finish."""
     from tests.support import user_tasks
 
     with worker_process(
         capture.env, "-P", "prefork", "-c", "2",
-        env={**HOLD, "CELERY_LANGFUSE_TEST_SOFT_SHUTDOWN": "10"},
+        # Celery waits all of it (with tasks running): 6 s, for tasks 1.2 s from the end.
+        env={**HOLD, "CELERY_LANGFUSE_TEST_SOFT_SHUTDOWN": "6"},
         tmp_path=tmp_path, module=USER_TASKS,
     ) as worker:
         results = [
-            user_tasks.llm_then_sleep.apply_async((n, 1.5), queue=worker.queue) for n in range(2)
+            user_tasks.llm_then_hang.apply_async((n, 1.5), queue=worker.queue) for n in range(2)
         ]
-        deadline = time.monotonic() + 20
-        while not all(_worker_log_shows(worker, r.id) for r in results):
-            assert time.monotonic() < deadline, worker.log()
-            time.sleep(0.05)
+        wait_until_received(results, worker)
         time.sleep(0.3)
         worker.process.send_signal(signal.SIGQUIT)
         worker.process.wait(30)
     assert [r.get(timeout=5) for r in results] == ["slept"] * 2
-    assert_all_arrived(capture, results, "llm_then_sleep", "llm {n}", worker)
+    assert_all_arrived(capture, results, "llm_then_hang", "llm {n}", worker)
 
 
 def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(

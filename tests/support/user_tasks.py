@@ -7,7 +7,9 @@ observation of its own, named ``<kind> <n>``, so a test can count them per run:
 - ``observed``: a function decorated with ``@observe``;
 - ``openai_call``: ``langfuse.openai`` against a local fake OpenAI-compatible server at
   ``CELERY_LANGFUSE_TEST_OPENAI_URL`` (the real ``openai`` package, 127.0.0.1 only);
-- ``llm_then_sleep``: a generation, then a sleep that a time limit interrupts.
+- ``llm_then_sleep``: a generation, then a sleep that a soft time limit interrupts;
+- ``llm_then_hang``: a generation, then a sleep nothing interrupts but the end of its
+  process (a hard time limit, a cold shutdown).
 """
 
 from __future__ import annotations
@@ -71,10 +73,10 @@ def openai_call(n: int) -> str:
     return str(completion.choices[0].message.content)
 
 
-@app.task(soft_time_limit=1)
+@app.task
 def llm_then_sleep(n: int, seconds: float) -> str:
-    """A generation, then a sleep: a soft time limit ends the sleep with an exception the
-    task handles; a hard time limit (``time_limit``) kills the child during it."""
+    """A generation, then a sleep: a soft time limit (``soft_time_limit`` of the call)
+    ends the sleep with an exception the task handles."""
     record_generation(f"llm {n}")
     try:
         time.sleep(seconds)
@@ -86,7 +88,7 @@ def llm_then_sleep(n: int, seconds: float) -> str:
 @app.task
 def llm_then_hang(n: int, seconds: float) -> str:
     """A generation, then a sleep with no soft time limit: a hard time limit or a cold
-    shutdown ends the child during it."""
+    shutdown ends the child during it, a soft or warm shutdown waits for it."""
     record_generation(f"llm {n}")
     time.sleep(seconds)
     return "slept"
