@@ -351,7 +351,11 @@ def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
     tasks_app: Any, capture: CaptureServer, tmp_path: Path
 ) -> None:
     """SIGKILL gives a process no chance to flush: what the child had buffered is lost,
-    what it had sent stays, and the main process closes the run (test_prefork.py)."""
+    and so is its open run. What it had sent stays: finished tasks' observations and
+    the generation the killed task had ended, in the trace the task was published in,
+    where the main process records the run as lost (an ERROR)."""
+    from langfuse import get_client
+
     from tests.support import user_tasks
 
     env = {"LANGFUSE_FLUSH_INTERVAL": "0.1"}  # sent within 0.1 s of ending
@@ -361,12 +365,22 @@ def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
     ) as worker:
         done = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(3)]
         assert [r.get(timeout=30) for r in done] == [0, 1, 2]
-        # Sent before the kill: the runs and their generations.
+        with get_client().start_as_current_observation(name="request") as producer:
+            doomed = user_tasks.llm_then_hang.apply_async((3, 60, pid_key), queue=worker.queue)
+        # Sent before the kill: the runs and their generations, the doomed one's generation.
         capture.wait_for(lambda s: user_observations(s, done, "llm_call", "llm {n}")[0] == 3, 20)
-        doomed = tasks_app.report_pid_and_sleep.apply_async((pid_key, 60), queue=worker.queue)
+        capture.wait_for_observations(1, timeout=20, name="llm 3")
         sigkill_the_child_running(doomed, pid_key, worker)
         worker.stop()
     assert_all_arrived(capture, done, "llm_call", "llm {n}", worker)
+    [generation] = [o for o in capture.observations if o.name == "llm 3"]
+    [lost] = [
+        o for o in capture.observations
+        if o.name == f"{USER_TASKS}.llm_then_hang" and o.metadata.get("task_id") == doomed.id
+    ]
+    assert generation.trace_id == lost.trace_id == producer.trace_id
+    assert lost.level == "ERROR"
+    assert "WorkerLostError" in (lost.status_message or ""), lost.status_message
 
 
 @pytest.mark.parametrize("exporter", ["sdk", "custom"])

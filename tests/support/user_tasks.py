@@ -9,7 +9,7 @@ observation of its own, named ``<kind> <n>``, so a test can count them per run:
   ``CELERY_LANGFUSE_TEST_OPENAI_URL`` (the real ``openai`` package, 127.0.0.1 only);
 - ``llm_then_sleep``: a generation, then a sleep that a soft time limit interrupts;
 - ``llm_then_hang``: a generation, then a sleep nothing interrupts but the end of its
-  process (a hard time limit, a cold shutdown).
+  process (a hard time limit, a cold shutdown, a SIGKILL).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Optional
 
 from celery.exceptions import SoftTimeLimitExceeded
 from langfuse import get_client, observe
+from redis import Redis
 
-from tests.support.tasks import app
+from tests.support.tasks import BROKER, app
 
 __all__ = ["app"]
 
@@ -86,9 +87,13 @@ def llm_then_sleep(n: int, seconds: float) -> str:
 
 
 @app.task
-def llm_then_hang(n: int, seconds: float) -> str:
+def llm_then_hang(n: int, seconds: float, pid_key: Optional[str] = None) -> str:
     """A generation, then a sleep with no soft time limit: a hard time limit or a cold
-    shutdown ends the child during it, a soft or warm shutdown waits for it."""
+    shutdown ends the child during it, a soft or warm shutdown waits for it. With
+    ``pid_key``, the child's pid is written to Redis under it once the generation ended
+    (for a test that kills the child)."""
     record_generation(f"llm {n}")
+    if pid_key is not None:
+        Redis.from_url(BROKER).set(pid_key, os.getpid(), ex=60)
     time.sleep(seconds)
     return "slept"
