@@ -1,11 +1,13 @@
 """Observations made by user code inside tasks survive every way a worker process ends.
 
-Each test runs real ``celery worker`` subprocesses whose tasks observe with the Langfuse
-SDK (tests/support/user_tasks.py), with ``LANGFUSE_FLUSH_INTERVAL=30``: nothing leaves
+Each test runs real ``celery worker`` subprocesses (``celery beat``, ``uvicorn``,
+``gunicorn`` for their paths) whose tasks observe with the Langfuse SDK
+(tests/support/user_tasks.py), with ``LANGFUSE_FLUSH_INTERVAL=30``: nothing leaves
 a process on the export timer during the test, so what arrives was sent by the exit
 path under test. Each counts: N observations opened by user code, N arrive, each a
 child of its task run, in the run's trace. Nothing is waited for after a worker stops:
-a process that exited has sent everything it is going to.
+a process that exited has sent everything it is going to. The last section calls the
+flush that every exit path makes directly, for what a worker test cannot set up.
 """
 
 from __future__ import annotations
@@ -383,17 +385,12 @@ def test_a_child_killed_by_sigkill_keeps_what_it_had_already_sent(
     assert "WorkerLostError" in (lost.status_message or ""), lost.status_message
 
 
-@pytest.mark.parametrize("exporter", ["sdk", "custom"])
-def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
-    exporter: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
-) -> None:
-    """The user's client, with its keys in code and no LANGFUSE_* variables, with the
-    SDK's exporter or one of the user's own: flushed, never replaced."""
-    from tests.support import user_tasks
-
-    env = {
+def explicit_keys_env(capture: CaptureServer, **user_export: str) -> dict[str, str]:
+    """The environment of a worker whose Langfuse client is made in code, with explicit
+    keys (tests/support/explicit_keys.py), and ``user_export``: its
+    ``CELERY_LANGFUSE_TEST_EXPLICIT_*`` settings of the user's own export."""
+    return {
         **HOLD,
-        "CELERY_LANGFUSE_TEST_EXPLICIT_EXPORTER": "1" if exporter == "custom" else "",
         # No keys in the environment: the client is made in code, before install().
         "LANGFUSE_PUBLIC_KEY": "",
         "LANGFUSE_SECRET_KEY": "",
@@ -402,7 +399,17 @@ def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
         "CELERY_LANGFUSE_TEST_EXPLICIT_SECRET_KEY": SECRET_KEY,
         "CELERY_LANGFUSE_TEST_EXPLICIT_BASE_URL": capture.base_url,
         "CELERY_LANGFUSE_TEST_EXPLICIT_FLUSH_INTERVAL": "30",
+        **user_export,
     }
+
+
+def run_8_tasks_in_recycled_children(
+    env: dict[str, str], capture: CaptureServer, tmp_path: Path
+) -> tuple[list[Any], WorkerProcess]:
+    """8 ``llm_call`` runs in a prefork worker of tests/support/explicit_keys.py whose
+    children are replaced after 2 tasks each, then a warm shutdown."""
+    from tests.support import user_tasks
+
     with worker_process(
         capture.env, "-P", "prefork", "-c", "2", "--max-tasks-per-child", "2",
         env=env, tmp_path=tmp_path, module="tests.support.explicit_keys",
@@ -410,7 +417,50 @@ def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
         results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(8)]
         assert [r.get(timeout=30) for r in results] == list(range(8))
         worker.stop()
+    return results, worker
+
+
+@pytest.mark.parametrize("exporter", ["sdk", "custom"])
+def test_a_client_made_in_code_with_explicit_keys_is_flushed_by_every_child(
+    exporter: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """The user's client, with its keys in code and no LANGFUSE_* variables, with the
+    SDK's exporter or one of the user's own: flushed, never replaced (the user's
+    exporter marks what it sends)."""
+    mark = f"user exporter {uuid.uuid4().hex[:8]}"
+    user_export = {"CELERY_LANGFUSE_TEST_EXPLICIT_EXPORTER": mark} if exporter == "custom" else {}
+    results, worker = run_8_tasks_in_recycled_children(
+        explicit_keys_env(capture, **user_export), capture, tmp_path
+    )
     assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+    generations = [o for o in capture.observations if o.name.startswith("llm ")]
+    sent_by_the_users_exporter = [o for o in generations if mark in o.resource.values()]
+    assert len(sent_by_the_users_exporter) == (8 if exporter == "custom" else 0)
+
+
+def test_a_span_processor_the_user_added_to_the_clients_tracer_provider_is_flushed_too(
+    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+) -> None:
+    """The user added a batch span processor of their own to the tracer provider of their
+    client; its exporter writes spans to a file, and its timer never fires during the
+    test: every child's exit flush writes what that child observed."""
+    spans_file = tmp_path / "user-processor.jsonl"
+    env = explicit_keys_env(capture, CELERY_LANGFUSE_TEST_EXPLICIT_SPAN_FILE=str(spans_file))
+    results, worker = run_8_tasks_in_recycled_children(env, capture, tmp_path)
+    assert_all_arrived(capture, results, "llm_call", "llm {n}", worker)
+    written = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    runs = {
+        o.metadata.get("task_id"): o
+        for o in capture.observations
+        if o.name == f"{USER_TASKS}.llm_call"
+    }
+    for n, result in enumerate(results):
+        lines = [line for line in written if line["name"] == f"llm {n}"]
+        assert [(line["parent_id"], line["trace_id"]) for line in lines] == [
+            (runs[result.id].id, runs[result.id].trace_id)
+        ], written
+    # 8 tasks, 2 per child: at least 4 children, each wrote what it observed when it left.
+    assert len({line["pid"] for line in written if line["name"].startswith("llm ")}) >= 4
 
 
 def test_langfuse_slow_at_exit_bounds_shutdown_and_says_what_it_gave_up(
@@ -619,3 +669,51 @@ def _requests_with_their_observations(
     if len({o.trace_id for o in requests}) != len(requests):
         problems.append("requests share a trace")
     return len(answers) - len(problems), problems
+
+
+# -- the flush every exit path makes ----------------------------------------------
+
+
+def test_the_flush_reaches_a_global_tracer_provider_the_user_built(
+    capture: CaptureServer,
+) -> None:
+    """No Langfuse client flushes a tracer provider the user built and registered
+    globally (for their other instrumentations): the flush does, spans of the user's
+    own span processor included. In a fresh interpreter: OTel lets a process register
+    its global tracer provider once, and this one's is the SDK's."""
+    import subprocess
+    import sys
+
+    script = """
+from celery import Celery
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from celery_langfuse import client, install
+
+exported = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(BatchSpanProcessor(exported, schedule_delay_millis=600_000))
+trace.set_tracer_provider(provider)
+install(Celery("user-provider", broker="memory://"))
+for n in range(3):
+    with trace.get_tracer("the user's instrumentation").start_as_current_span(f"user {n}"):
+        pass
+assert exported.get_finished_spans() == (), "sent on the timer"
+assert client.flush(5)
+print(sorted(span.name for span in exported.get_finished_spans()))
+"""
+    from tests.conftest import ROOT
+
+    finished = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, **capture.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.split("\n")[-2] == "['user 0', 'user 1', 'user 2']", finished.stdout
