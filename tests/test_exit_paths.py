@@ -463,15 +463,23 @@ def test_a_span_processor_the_user_added_to_the_clients_tracer_provider_is_flush
     assert len({line["pid"] for line in written if line["name"].startswith("llm ")}) >= 4
 
 
+@pytest.fixture
+def slow_langfuse() -> Iterator[CaptureServer]:
+    """A Langfuse that answers nothing in time (after 30 s). Not the session's capture
+    server: what it was sent is stored when it answers, 30 s on, in a later test."""
+    with CaptureServer() as server:
+        server.set_response(200, delay=30)
+        yield server
+
+
 def test_langfuse_slow_at_exit_bounds_shutdown_and_says_what_it_gave_up(
-    tasks_app: Any, capture: CaptureServer, tmp_path: Path
+    tasks_app: Any, slow_langfuse: CaptureServer, tmp_path: Path
 ) -> None:
     from tests.support import user_tasks
 
-    capture.set_response(200, delay=30)  # Langfuse answers nothing in time
     env = {**HOLD, "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "2"}
     with worker_process(
-        capture.env, "-P", "prefork", "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
+        slow_langfuse.env, "-P", "prefork", "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
     ) as worker:
         results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(5)]
         assert [r.get(timeout=30) for r in results] == list(range(5))
@@ -484,17 +492,16 @@ def test_langfuse_slow_at_exit_bounds_shutdown_and_says_what_it_gave_up(
 
 @pytest.mark.parametrize("pool", ["solo", "threads"])
 def test_langfuse_slow_at_exit_costs_one_flush_timeout_where_tasks_run_in_the_main_process(
-    pool: str, tasks_app: Any, capture: CaptureServer, tmp_path: Path
+    pool: str, tasks_app: Any, slow_langfuse: CaptureServer, tmp_path: Path
 ) -> None:
     """Solo and threads run tasks in the worker's own process, which passes three exit
     hooks (worker_process_shutdown, worker_shutdown, atexit): they share one
     ``flush_timeout`` and one warning, not one each."""
     from tests.support import user_tasks
 
-    capture.set_response(200, delay=30)  # Langfuse answers nothing in time
     env = {**HOLD, "CELERY_LANGFUSE_TEST_FLUSH_TIMEOUT": "3"}
     with worker_process(
-        capture.env, "-P", pool, "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
+        slow_langfuse.env, "-P", pool, "-c", "1", env=env, tmp_path=tmp_path, module=USER_TASKS
     ) as worker:
         results = [user_tasks.llm_call.apply_async((n,), queue=worker.queue) for n in range(5)]
         assert [r.get(timeout=30) for r in results] == list(range(5))
