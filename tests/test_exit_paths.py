@@ -25,7 +25,6 @@ from threading import Thread
 from typing import Any
 
 import pytest
-from redis import Redis
 
 from celery_langfuse.testing import PUBLIC_KEY, SECRET_KEY, CaptureServer
 from tests.conftest import (
@@ -89,14 +88,6 @@ def generation_and_its_run(capture: CaptureServer, n: int, result: Any) -> tuple
     [run] = [o for o in capture.observations if o.id == generation.parent_id]
     assert (run.metadata.get("task_id"), run.trace_id) == (result.id, generation.trace_id)
     return generation, run
-
-
-def wait_until_running(key: str, count: int, worker: WorkerProcess, timeout: float = 20) -> None:
-    redis = Redis.from_url(REDIS_URL)
-    deadline = time.monotonic() + timeout
-    while int(redis.get(key) or 0) < count:
-        assert time.monotonic() < deadline, worker.log()
-        time.sleep(0.02)
 
 
 # -- a fake OpenAI-compatible server (the real openai package calls it) -------------
