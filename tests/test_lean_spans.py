@@ -16,11 +16,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from celery_langfuse import client, otlp
+from celery_langfuse.headers import TraceParent
 from celery_langfuse.spans import LeanSpan
-from celery_langfuse.testing import CaptureServer
+from celery_langfuse.testing import CaptureServer, SpanLink
 
 
 @pytest.fixture
@@ -45,6 +46,7 @@ def test_the_session_client_records_lean_observations(capture: CaptureServer) ->
 def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
     context = SpanContext(0xABC << 64 | 7, 0x1234, False, TraceFlags(1))
     parent = SpanContext(0xABC << 64 | 7, 0x99, True, TraceFlags(1))
+    linked = SpanContext(0xDEF << 64 | 9, 0x77, True, TraceFlags(1))  # another trace's span
     attributes = {
         "langfuse.observation.input": '{"args":[1,"é"],"kwargs":{}}',
         "count": -3,
@@ -76,6 +78,7 @@ def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
                     events=events,
                     status_code=otlp.STATUS_ERROR,
                     status_message="boom",
+                    links=[(linked.trace_id, linked.span_id)],
                 )
             )
         ],
@@ -92,8 +95,12 @@ def test_an_encoded_span_is_the_message_the_otel_encoder_writes() -> None:
         status=Status(StatusCode.ERROR, "boom"),
         start_time=1_000,
         end_time=2_000,
+        links=[Link(linked)],
     )
-    assert ExportTraceServiceRequest.FromString(ours) == encode_spans([sdk_span])
+    decoded = ExportTraceServiceRequest.FromString(ours)
+    assert decoded == encode_spans([sdk_span])
+    (link,) = decoded.resource_spans[0].scope_spans[0].spans[0].links
+    assert (link.trace_id.hex(), link.span_id.hex()) == (f"{linked.trace_id:032x}", "77".zfill(16))
 
 
 def test_propagated_attributes_and_sdk_updates_land_on_a_lean_observation(
@@ -177,6 +184,23 @@ def test_an_observation_carrying_media_is_handed_to_the_sdk(capture: CaptureServ
     assert "@@@langfuseMedia" in str(received.input)
 
 
+def test_a_linked_root_handed_to_the_sdk_for_its_media_keeps_its_link(
+    capture: CaptureServer,
+) -> None:
+    image = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+    caller = TraceParent("ca" * 16, "fe" * 8)
+    observation = client.start_observation(
+        "linked root", input={"image": image}, root_of="5e" * 16, link=caller
+    )
+    observation.end()
+    assert isinstance(observation.span, LeanSpan)
+    exported(capture, 1)
+    (received,) = capture.observations
+    assert "@@@langfuseMedia" in str(received.input)  # the SDK's processor sent it
+    assert (received.trace_id, received.parent_id) == ("5e" * 16, None)
+    assert received.links == [SpanLink("ca" * 16, "fe" * 8)]
+
+
 def test_the_sdk_span_path_still_makes_parentless_roots(
     capture: CaptureServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,6 +218,21 @@ def test_the_sdk_span_path_still_makes_parentless_roots(
         "cannot drop the parent the Langfuse SDK invents for trace_context="
     )
     assert received.duration >= 1.9
+
+
+def test_the_sdk_span_path_writes_no_metadata_key_for_none(
+    capture: CaptureServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the SDK (and the lean path) do: a None value is no key, where an attribute
+    without a value would reach Langfuse as ``{}``."""
+    monkeypatch.setattr(client, "_recorders", (client.get_langfuse(), None))
+    observation = client.start_observation("run", metadata={"queue": None, "task_id": "t-1"})
+    observation.end()
+    assert not isinstance(observation.span, LeanSpan)
+    exported(capture, 1)
+    (received,) = capture.observations
+    assert received.metadata == {"task_id": "t-1"}
+    assert "langfuse.observation.metadata.queue" not in received.attributes
 
 
 def test_names_copied_from_the_sdk_still_match_it() -> None:

@@ -9,15 +9,19 @@ SDK in the test process, the capture server.
 from __future__ import annotations
 
 import logging
+import re
+import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 from langfuse import get_client, propagate_attributes
+from opentelemetry import trace as otel_trace
 
-from celery_langfuse import ConfigurationError, install, uninstall
+from celery_langfuse import ConfigurationError, client, install, uninstall
 from celery_langfuse.headers import (
     LINK_TRACE_ID,
     LINKED_TRACE,
@@ -26,7 +30,16 @@ from celery_langfuse.headers import (
     inject,
     signed_by,
 )
-from celery_langfuse.testing import CaptureServer, Observation, Trace
+from celery_langfuse.publish import on_before_task_publish
+from celery_langfuse.spans import LeanSpan
+from celery_langfuse.testing import (
+    CaptureServer,
+    LangfuseOracle,
+    Observation,
+    SpanLink,
+    Trace,
+    compare_with_langfuse,
+)
 from tests.conftest import flush_in_process, worker_process
 from tests.support.installed import support_app
 
@@ -69,9 +82,12 @@ def assert_linked_child(
     child: Trace, parent: Trace, publish: Observation, task: str, base_url: str
 ) -> None:
     """What Langfuse shows for a linked trace: its own root run, the caller's user,
-    session and tags, and metadata pointing back at the caller's trace."""
+    session and tags, and metadata pointing back at the caller's trace; and what an
+    OTel backend shows: the root's span link to the caller's publish observation."""
     (root,) = child.root_observations()
     assert root.name == task and root.parent_id is None, child.tree()
+    assert root.links == [SpanLink(parent.id, publish.id)]
+    assert publish.links == []
     assert child.orphans() == [], child.tree()
     assert (root.user_id, root.session_id) == ("u-1", "s-1")
     assert "fan" in root.tags
@@ -144,12 +160,15 @@ def test_past_max_trace_observations_further_tasks_start_linked_traces(
     in_parent = parent.find_all(LEAF)
     linked = [p for p in parent.find_all(f"publish {LEAF}") if "linked_trace_id" in p.metadata]
     assert (len(in_parent), len(linked)) == (9, 21), parent.tree()
+    assert all(o.links == [] for o in parent.observations)  # only linked roots carry one
     for publish in linked:
         child = capture.trace(publish.metadata["linked_trace_id"])
         assert_linked_child(child, parent, publish, LEAF, capture.base_url)
     assert log_text.count("max_trace_observations") == 1, log_text[-3000:]
-    # The worker says, once it is ready, that a linked_trace_tasks pattern names no task.
-    assert "linked_trace_tasks: 'no.*' match(es) no task" in log_text
+    # The worker says, once its app is finalized, that a pattern names no task; once
+    # (its pool processes inherit the finalized app).
+    assert log_text.count("linked_trace_tasks: 'no.*' match(es) none of the tasks") == 1
+    assert f"(its tasks: {PREFIX}dies_once, {FAN_OUT}, {FAN_OUT}_chord," in log_text
     print(f"\nguard at 10: {len(in_parent)} runs in the trace, {len(linked)} linked traces")
 
 
@@ -177,24 +196,177 @@ def test_a_caller_links_one_message_with_a_header(
     child = capture.trace(linked_headers[LINK_TRACE_ID])
     (run,) = child.observations
     assert run.parent_id is None and run.trace_metadata["parent_trace_id"] == caller.trace_id
+    (publish,) = [
+        p for p in parent.find_all("publish tests.support.tasks.header_probe")
+        if p.metadata.get("linked_trace_id") == child.id
+    ]
+    assert run.links == [SpanLink(caller.trace_id, publish.id)]
+
+
+def test_a_linked_message_that_never_runs_is_recorded_in_its_linked_trace(
+    running_worker: Any, capture: CaptureServer
+) -> None:
+    """An expired message is recorded where its run would have been: the root of the
+    trace its publish observation names, linked to that publish observation."""
+    from tests.support import tasks
+
+    with get_client().start_as_current_observation(name="caller") as caller:
+        tasks.header_probe.apply_async(
+            headers={LINKED_TRACE: "1"},
+            expires=datetime.now(timezone.utc) - timedelta(seconds=1),
+        )
+    flush_in_process()
+    capture.wait_for(lambda s: runs(s, "tests.support.tasks.header_probe"), timeout=20)
+    publish = capture.trace(caller.trace_id).find("publish tests.support.tasks.header_probe")
+    (expired,) = capture.trace(publish.metadata["linked_trace_id"]).observations
+    assert expired.name == "tests.support.tasks.header_probe" and expired.parent_id is None
+    assert "expired" in (expired.status_message or "")
+    assert expired.links == [SpanLink(caller.trace_id, publish.id)]
+
+
+@pytest.mark.parametrize("span_path", ["lean", "sdk"])
+def test_the_root_of_a_linked_trace_carries_an_otel_span_link_to_the_publish(
+    span_path: str,
+    capture: CaptureServer,
+    langfuse_oracle: LangfuseOracle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The link is written on both observation paths: this library's lean spans (OTLP
+    encoded by hand) and the SDK's spans (a client with, say, a span filter). The
+    publish handler and the worker handlers are called as Celery calls them."""
+    if span_path == "sdk":
+        monkeypatch.setattr(client, "_recorders", (client.get_langfuse(), None))
+    app = Celery("linked-span-link")
+
+    @app.task(name="proj.linked.probe", shared=False)
+    def probe() -> None:
+        return None
+
+    installation = install(app)
+    try:
+        with get_client().start_as_current_observation(name="caller") as caller:
+            message: dict[str, Any] = {"task": probe.name, "id": str(uuid.uuid4())}
+            message[LINKED_TRACE] = "1"
+            on_before_task_publish(sender=probe.name, headers=message, routing_key="q")
+        run_span = run_in_worker(installation, probe, message)
+    finally:
+        uninstall(app)
+    assert isinstance(run_span, LeanSpan) == (span_path == "lean")
+    flush_in_process()
+
+    publish = capture.trace(caller.trace_id).find("publish proj.linked.probe")
+    (root,) = capture.trace(message[LINK_TRACE_ID]).observations
+    assert (root.name, root.parent_id) == ("proj.linked.probe", None)
+    assert root.links == [SpanLink(caller.trace_id, publish.id)]
+    assert publish.links == [] and capture.trace(caller.trace_id).find("caller").links == []
+    # Langfuse ignores the link but must still take the body that carries it.
+    comparison = compare_with_langfuse(capture.bodies, langfuse_oracle)
+    assert comparison.ok and comparison.observations == 3, comparison.report()
+
+
+def test_the_link_is_read_from_a_linked_message_only_with_valid_ids() -> None:
+    def linked_message(**metadata: str) -> dict[str, Any]:
+        message: dict[str, Any] = {}
+        inject(
+            message, parent=None, attributes=TraceAttributes(metadata=metadata),
+            link_trace_id="ab" * 16,
+        )
+        return message
+
+    ids = {"parent_trace_id": '"' + "cd" * 16 + '"', "parent_observation_id": '"' + "ef" * 8 + '"'}
+    assert extract(linked_message(**ids)).linked_from == ("cd" * 16, "ef" * 8, True, False)
+    for bad in ({"parent_observation_id": '"' + "0" * 16 + '"'}, {"parent_trace_id": "cd" * 16},
+                {"parent_trace_id": '"CD"'}, {"parent_observation_id": "["}):
+        assert extract(linked_message(**{**ids, **bad})).linked_from is None, bad
+    # The same metadata on a message that starts no linked trace links nothing.
+    plain: dict[str, Any] = {}
+    inject(plain, parent=None, attributes=TraceAttributes(metadata=ids))
+    assert extract(plain).linked_from is None
+
+
+def run_in_worker(installation: Any, task: Any, message: dict[str, Any]) -> Any:
+    """One run of ``task`` through the worker handlers, with the request a worker
+    builds from ``message``; the span current while it runs."""
+    worker = installation.worker
+    task_id = message["id"]
+    task.push_request(headers=dict(message), hostname="worker@host", **message)
+    try:
+        worker.on_task_prerun(sender=task, task_id=task_id, task=task, args=(), kwargs={})
+        current = otel_trace.get_current_span()
+        worker.on_task_postrun(
+            sender=task, task_id=task_id, task=task, retval=None, state="SUCCESS"
+        )
+    finally:
+        task.pop_request()
+    return current
 
 
 def test_a_pattern_naming_no_registered_task_is_an_error_at_install() -> None:
     app = Celery("fanout-validation")
 
-    @app.task(name="proj.fan.leaf")
+    @app.task(name="proj.fan.leaf", shared=False)
     def leaf() -> None:
         return None
 
     app.finalize()
-    with pytest.raises(ConfigurationError, match=r"linked_trace_tasks=.*'proj\.nope\.\*'"):
+    with pytest.raises(
+        ConfigurationError,
+        # The tasks named: this app's (and the shared ones other modules of this test
+        # session defined, which every app gets).
+        match=r"linked_trace_tasks=.*'proj\.nope\.\*' match\(es\) none of the tasks "
+        r"registered in app 'fanout-validation' \(its tasks: [^)]*proj\.fan\.leaf[,)]",
+    ):
         install(app, linked_trace_tasks=["proj.fan.*", "proj.nope.*"])
     install(app, linked_trace_tasks=["proj.fan.*"])
     uninstall(app)
-    # Not finalized yet (tasks may still be imported): checked when the worker is ready.
-    later = Celery("fanout-validation-later")
-    install(later, linked_trace_tasks=["proj.later.*"])
-    uninstall(later)
+
+
+def test_a_pattern_naming_no_task_warns_once_when_the_app_finalizes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A producer (a web app, say) decides linking at publish but runs no worker: its
+    patterns are checked when its app finalizes, whatever process it is."""
+    app = Celery("web-producer")
+
+    @app.task(name="proj.web.send_email", shared=False)
+    def send_email() -> None:
+        return None
+
+    install(app, linked_trace_tasks=["proj.web.*", "proj.mail.*"])  # not finalized yet
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_langfuse.install"):
+            app.finalize()
+            app.finalize()  # once only
+            assert send_email.name == "proj.web.send_email"
+    finally:
+        uninstall(app)
+    (warning,) = [r.getMessage() for r in caplog.records if "linked_trace_tasks" in r.getMessage()]
+    assert "'proj.mail.*' match(es) none of the tasks registered in app 'web-producer'" in warning
+    assert re.search(r"\(its tasks: [^)]*proj\.web\.send_email[,)]", warning), warning
+    assert "'proj.web.*'" not in warning
+
+
+def test_patterns_that_all_match_or_an_uninstalled_app_warn_nothing_at_finalize(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    matching, uninstalled = Celery("all-match"), Celery("uninstalled")
+
+    def leaf() -> None:
+        return None
+
+    for app in (matching, uninstalled):
+        app.task(name="proj.ok.leaf", shared=False)(leaf)
+    install(matching, linked_trace_tasks=["proj.ok.*"])
+    install(uninstalled, linked_trace_tasks=["proj.typo.*"])
+    uninstall(uninstalled)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_langfuse.install"):
+            matching.finalize()
+            uninstalled.finalize()
+    finally:
+        uninstall(matching)
+    assert "proj.ok.leaf" in matching.tasks and "proj.ok.leaf" in uninstalled.tasks
+    assert [r for r in caplog.records if "linked_trace_tasks" in r.getMessage()] == []
 
 
 def test_a_linked_message_is_signed_and_only_a_trusted_one_is_followed() -> None:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Link, Status, StatusCode
 
 from . import _sdk
 from .export import SpanExport, load_sender
@@ -698,6 +698,7 @@ def start_observation(
     root_of: Optional[str] = None,
     start_time_ns: Optional[int] = None,
     parent: Optional[TraceParent] = None,
+    link: Optional[TraceParent] = None,
 ) -> Observation:
     """Start a Langfuse span observation as a child of ``context`` (default: current),
     or, with ``root_of``, as the parentless root of that trace id, or, with ``parent``,
@@ -705,7 +706,9 @@ def start_observation(
 
     The lean equivalent of ``get_langfuse().start_observation(as_type="span", ...)``
     for the signal handlers: see the comment above. Not made current; use
-    :func:`context_with` for that. ``start_time_ns`` backdates it.
+    :func:`context_with` for that. ``start_time_ns`` backdates it. ``link``: a remote
+    observation, in another trace, that it is linked to, written as an OTel span link
+    (the root of a linked trace; Langfuse itself does not show links).
     """
     recorder = _recorder()
     # Without a recorder, observations are the SDK's spans: its client is needed.
@@ -723,7 +726,9 @@ def start_observation(
             attributes[_METADATA] = masked
         elif type(masked) is dict:
             for key, value in masked.items():  # the SDK's span: as the SDK writes it
-                attributes[f"{_METADATA}.{key}"] = _metadata_value(value)
+                encoded = _metadata_value(value)
+                if encoded is not None:  # the SDK writes no key for None
+                    attributes[f"{_METADATA}.{key}"] = encoded
         else:
             attributes[_METADATA] = _encode(masked)  # a mask that made it a non-dict
     if level is not None:
@@ -741,6 +746,7 @@ def start_observation(
             start_time_ns,
             int(root_of, 16) if root_of is not None else None,
             parent,
+            link,
         )
     else:
         client = get_langfuse()
@@ -752,7 +758,11 @@ def start_observation(
             context = TraceParent(root_of, new_span_id()).context(context)
         tracer: otel_trace.Tracer = client._otel_tracer  # the SDK's tracer and processor
         span = tracer.start_span(
-            name, context=context, attributes=attributes, start_time=start_time_ns
+            name,
+            context=context,
+            attributes=attributes,
+            start_time=start_time_ns,
+            links=None if link is None else [Link(link.span_context())],
         )
         if root_of is not None:
             _make_root(span)

@@ -68,8 +68,12 @@ SIGNATURE = "x-langfuse-signature"
 #: by the publish handler, so a retry does not repeat it.
 LINKED_TRACE = "x-langfuse-linked-trace"
 #: Written instead of a parent: the id of the trace this message starts, linked to the
-#: publishing trace (whose ids travel in the trace metadata).
+#: publishing trace (whose ids travel in the trace metadata, under the two keys below).
 LINK_TRACE_ID = "x-langfuse-link-trace-id"
+#: The trace metadata keys of a linked trace that name the observation it links to: the
+#: publish observation in the caller's trace (JSON-encoded, as trace metadata travels).
+LINKED_FROM_TRACE_ID = "parent_trace_id"
+LINKED_FROM_OBSERVATION_ID = "parent_observation_id"
 #: Added by a worker's main process to the request of a message it saw lost and now
 #: receives again (never published): ``<attempt>:<lost run's observation id>``.
 REDELIVERY = "x-langfuse-redelivery"
@@ -277,6 +281,8 @@ class Extracted(NamedTuple):
     distrusted: Optional[Distrusted] = None
     #: The trace a linked message starts (from a trusted sender, without a parent).
     link_trace_id: Optional[str] = None
+    #: With ``link_trace_id``: the caller's publish observation that trace links to.
+    linked_from: Optional[TraceParent] = None
 
 
 def inject(
@@ -466,19 +472,38 @@ def extract(headers: Mapping[str, Any], *, trusted: bool = True) -> Extracted:
         parent, attributes, distrusted = reader.parent(), reader.attributes(), None
     else:
         parent, attributes, distrusted = reader.distrusted()
+    link_trace_id = (
+        reader.link_trace_id()
+        if trusted and parent is None and headers.get(LINK_TRACE_ID) is not None
+        else None
+    )
     return Extracted(
         parent=parent,
         attributes=attributes,
         published_at=reader.timestamp(PUBLISHED_AT),
         cron=None if headers.get(CRON_ENTRY) is None else reader.cron_run(),
-        link_trace_id=(
-            reader.link_trace_id()
-            if trusted and parent is None and headers.get(LINK_TRACE_ID) is not None
-            else None
-        ),
+        link_trace_id=link_trace_id,
+        linked_from=None if link_trace_id is None else _linked_from(attributes.metadata),
         malformed=tuple(reader.malformed) if reader.malformed else (),
         distrusted=distrusted,
     )
+
+
+def _linked_from(metadata: Mapping[str, str]) -> Optional[TraceParent]:
+    """The observation a linked trace's metadata names, if both ids are valid."""
+    ids = []
+    for key, pattern, zero in (
+        (LINKED_FROM_TRACE_ID, _TRACE_ID_RE, _ZERO_TRACE_ID),
+        (LINKED_FROM_OBSERVATION_ID, _SPAN_ID_RE, _ZERO_SPAN_ID),
+    ):
+        try:
+            value = json.loads(metadata.get(key) or "null")
+        except ValueError:
+            return None
+        if not (isinstance(value, str) and pattern.fullmatch(value) and value != zero):
+            return None
+        ids.append(value)
+    return TraceParent(ids[0], ids[1])
 
 
 _NO_ATTRIBUTES = TraceAttributes()

@@ -62,6 +62,12 @@ class Installation:
 
     def connect(self) -> None:
         worker = self.worker
+        if self.config.linked_trace_tasks and not self.app.finalized:
+            # Checked once its tasks are registered, in every process that finalizes it:
+            # a producer decides linking at publish as much as a worker does.
+            _connect(
+                self._connections, (self.app.on_after_finalize, self._check_linked_trace_tasks)
+            )
         _connect(
             self._connections,
             (signals.task_prerun, self._for_app(worker.on_task_prerun)),
@@ -72,21 +78,19 @@ class Installation:
             (signals.task_unknown, self._for_app(worker.on_task_unknown)),
             (signals.task_rejected, self._for_app(worker.on_task_rejected)),
             (signals.task_received, self._for_app(worker.on_task_received)),
-            (signals.worker_ready, self._for_app(self._check_linked_trace_tasks)),
             (signals.beat_init, self.beat.on_beat_init),
             (signals.beat_embedded_init, self.beat.on_beat_embedded_init),
         )
 
     def _check_linked_trace_tasks(self, **_: Any) -> None:
-        """When the worker is ready (its tasks imported): one warning for each
-        ``linked_trace_tasks`` pattern that matches none of them."""
+        """When the app finalizes (its tasks registered): one warning naming the
+        ``linked_trace_tasks`` patterns that match none of them, and the tasks."""
         unmatched = unmatched_patterns(self.app, self.config.linked_trace_tasks)
         if unmatched:
             log.warning(
-                "celery-langfuse setting linked_trace_tasks: %s match(es) no task registered "
-                "in app %r, so no task starts a linked trace by it",
-                ", ".join(repr(p) for p in unmatched),
-                self.app.main,
+                "celery-langfuse setting linked_trace_tasks: %s; a typo? Only a task "
+                "registered later or sent by name (send_task) can start a linked trace by it",
+                _describe_unmatched(self.app, unmatched),
             )
 
     def disconnect(self) -> None:
@@ -195,8 +199,8 @@ def install(app: Celery, **options: Any) -> Installation:
                 given = list(config.linked_trace_tasks)
                 raise ConfigurationError(
                     f"celery-langfuse setting linked_trace_tasks={given!r}: "
-                    f"{', '.join(repr(p) for p in unmatched)} match(es) no task registered in "
-                    f"app {app.main!r}; must be task name patterns (fnmatch) of its tasks"
+                    f"{_describe_unmatched(app, unmatched)}; must be task name patterns "
+                    "(fnmatch) of its tasks"
                 )
         off_reason = None
         if not config.enabled:
@@ -283,6 +287,22 @@ def unmatched_patterns(app: Celery, patterns: Any) -> list[str]:
     are registered: reading them finalizes the app)."""
     names = list(app.tasks.keys())
     return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def _describe_unmatched(app: Celery, unmatched: list[str]) -> str:
+    """``'p' match(es) none of the tasks registered in app 'a' (its tasks: ...)``, naming
+    at most 20 of them, Celery's built-in ``celery.*`` tasks left out."""
+    names = sorted(name for name in app.tasks if not name.startswith("celery."))
+    shown = ", ".join(names[:_NAMED_TASKS]) or "none"
+    if len(names) > _NAMED_TASKS:
+        shown += f" and {len(names) - _NAMED_TASKS} more"
+    return (
+        f"{', '.join(repr(p) for p in unmatched)} match(es) none of the tasks registered "
+        f"in app {app.main!r} (its tasks: {shown})"
+    )
+
+
+_NAMED_TASKS = 20
 
 
 def _check_durable_queue(config: TracingConfig) -> None:

@@ -6,7 +6,7 @@ recording the span. Here a span is encoded once, when it ends, straight to the b
 of an OTLP ``Span`` message (field numbers from opentelemetry-proto's
 ``trace/v1/trace.proto`` and ``common/v1/common.proto``), and a batch request is the
 concatenation of those bytes inside one resource and one instrumentation scope.
-tests/test_otlp.py decodes what this writes with the official protobuf classes.
+tests/test_lean_spans.py decodes what this writes with the official protobuf classes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ _FIXED32 = struct.Struct("<I").pack
 _KIND_INTERNAL = b"\x30\x01"
 _FLAGS_LOCAL_PARENT = b"\x85\x01" + _FIXED32(0x100)
 _FLAGS_REMOTE_PARENT = b"\x85\x01" + _FIXED32(0x300)
+# Link.flags of a link to a remote span: "has is_remote", "is remote".
+_LINK_FLAGS_REMOTE = b"\x35" + _FIXED32(0x300)
 
 #: Status codes of the OTLP Status message.
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
@@ -130,6 +132,8 @@ class FinishedSpan(NamedTuple):
     events: Sequence[tuple[str, int, Mapping[str, Any]]] = ()
     status_code: int = STATUS_UNSET
     status_message: Optional[str] = None
+    #: OTel span links, each ``(trace id, span id)`` of a remote span.
+    links: Sequence[tuple[int, int]] = ()
 
 
 def encode_span(span: FinishedSpan) -> bytes:
@@ -155,6 +159,9 @@ def encode_span(span: FinishedSpan) -> bytes:
     for event_name, time_ns, event_attributes in span.events:
         event = b"\x09" + _FIXED64(time_ns) + _field(b"\x12", event_name.encode("utf-8", "replace"))
         parts.append(_field(b"\x5a", event + attributes(b"\x1a", event_attributes)))
+    for link_trace_id, link_span_id in span.links:
+        link = b"\x0a\x10" + link_trace_id.to_bytes(16, "big") + b"\x12\x08"
+        parts.append(_field(b"\x6a", link + link_span_id.to_bytes(8, "big") + _LINK_FLAGS_REMOTE))
     if span.status_code != STATUS_UNSET:
         status = b"\x18" + _varint(span.status_code)
         if span.status_message:

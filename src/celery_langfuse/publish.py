@@ -150,7 +150,7 @@ def _publish_linked(
         named["linked_trace_url"] = f"{prefix}{linked_trace_id}"
     span.update(metadata=named)
     span.end()
-    parent = {"parent_trace_id": trace_id, "parent_observation_id": span.id}
+    parent = {headers.LINKED_FROM_TRACE_ID: trace_id, headers.LINKED_FROM_OBSERVATION_ID: span.id}
     if prefix:
         parent["parent_trace_url"] = f"{prefix}{trace_id}"
     linked_attributes = replace(

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from opentelemetry import baggage
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
-from opentelemetry.trace import SpanContext, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
 
 from . import _sdk, otlp
 from .export import SpanExport
@@ -70,6 +70,7 @@ class LeanSpan(otel_trace.Span):
         "_context",
         "_ended",
         "_events",
+        "_links",
         "_parent",
         "_parent_id",
         "_parent_is_remote",
@@ -93,6 +94,7 @@ class LeanSpan(otel_trace.Span):
         attributes: dict[str, Any],
         start_time: int,
         remote_parent: Optional[TraceParent] = None,
+        links: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self._recorder = recorder
         self.trace_id = trace_id
@@ -115,6 +117,8 @@ class LeanSpan(otel_trace.Span):
         self.start_time = start_time
         self.attributes = attributes
         self._events: Optional[list[tuple[str, int, Mapping[str, Any]]]] = None
+        # (trace id, span id) of remote spans, given at the start (otlp.FinishedSpan.links).
+        self._links = links
         self._status: tuple[int, Optional[str]] = (otlp.STATUS_UNSET, None)
         self._ended = False
 
@@ -209,12 +213,14 @@ class Recorder:
         start_time: Optional[int],
         root_of: Optional[int],
         remote_parent: Optional[TraceParent] = None,
+        link: Optional[TraceParent] = None,
     ) -> otel_trace.Span:
         """A recording span, or, under a parent sampled out, the non-recording span the
         SDK's default (parent-based) sampler would make.
 
         ``remote_parent``: the span's parent came in a message; its context need not be
-        made for this (``context`` is the one it would have been added to).
+        made for this (``context`` is the one it would have been added to). ``link``: a
+        remote span it links to (an OTel span link).
         """
         if context is None:
             context = otel_context.get_current()
@@ -265,6 +271,7 @@ class Recorder:
             attributes,
             start_time or time.time_ns(),
             remote_parent,
+            () if link is None else ((int(link.trace_id, 16), int(link.parent_id, 16)),),
         )
 
     def finish(self, span: LeanSpan, end_time: int) -> None:
@@ -285,6 +292,7 @@ class Recorder:
                 span._events or (),
                 status_code,
                 status_message,
+                span._links,
             )
         )
 
@@ -321,6 +329,10 @@ class Recorder:
             status=Status(status_code, message),
             start_time=span.start_time,
             end_time=end_time,
+            links=[
+                Link(SpanContext(trace_id, span_id, True, _SAMPLED))
+                for trace_id, span_id in span._links
+            ],
         )
         processor.on_end(readable)
 

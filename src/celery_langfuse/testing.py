@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, NamedTuple, cast
 
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -97,6 +97,7 @@ __all__ = [
     "Observation",
     "OracleUnavailable",
     "Score",
+    "SpanLink",
     "Trace",
     "build_traces",
     "compare_with_langfuse",
@@ -145,6 +146,13 @@ _FIELD_ATTRIBUTES = frozenset(
 )
 
 
+class SpanLink(NamedTuple):
+    """An OTel span link: the span (usually of another trace) a span points at."""
+
+    trace_id: str
+    span_id: str
+
+
 @dataclass
 class Observation:
     """One span as Langfuse would store it: an observation of a trace.
@@ -176,6 +184,9 @@ class Observation:
     #: The start as sent, in nanoseconds: it orders observations that Langfuse's
     #: millisecond ``start_time`` ties (a parent and the child it starts at once).
     start_unix_nano: int = field(default=0, compare=False, repr=False)
+    #: The span's OTel span links. Langfuse ignores them (it draws none); an
+    #: OpenTelemetry backend shows them.
+    links: list[SpanLink] = field(default_factory=list)
 
     @property
     def duration(self) -> float:
@@ -767,6 +778,7 @@ def _observation(span: Span, scope: str, resource: dict[str, Any]) -> Observatio
         attributes=attributes,
         scope=scope,
         resource=resource,
+        links=[SpanLink(link.trace_id.hex(), link.span_id.hex()) for link in span.links],
     )
 
 

@@ -606,6 +606,8 @@ class WorkerTracing:
                     start.task_id, start.request, start.extracted.published_at, start.cron
                 ),
                 root_of=trace_id if new_trace else None,
+                # A linked trace's root links to the caller's publish observation.
+                link=start.extracted.linked_from,
             )
             scope.callback(client.Observation.end, observation)
             scope.attach(client.context_with(observation, ctx, trace_id))
@@ -752,6 +754,9 @@ class WorkerTracing:
                 return observation
             if parent is not None:
                 trace_id, sampled = parent.trace_id, False
+            elif extracted.link_trace_id is not None:
+                # The linked trace its publish observation names (kept, as the caller's).
+                trace_id, sampled = extracted.link_trace_id, True
             else:
                 trace_id = sampling.new_trace_id()
                 sampled = self.config.policy.sample_new_trace(trace_id, task_name)
@@ -759,7 +764,9 @@ class WorkerTracing:
                 return None
             if not sampled:
                 fields["metadata"]["trace_sampled"] = False
-            with client.root_observation(trace_id, **fields) as observation:
+            with client.root_observation(
+                trace_id, link=extracted.linked_from, **fields
+            ) as observation:
                 pass
             return observation
 
