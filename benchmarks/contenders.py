@@ -139,6 +139,12 @@ def _sentry() -> None:
         traces_sample_rate=1.0,
     )
     _flush = lambda timeout: sentry_sdk.flush(timeout)  # noqa: E731
-    _active_trace = lambda: sentry_sdk.start_transaction(  # noqa: E731
-        name="request", op="http.server"
-    )
+    start_transaction = getattr(sentry_sdk, "start_transaction", None)
+    if start_transaction is not None:  # sentry-sdk 2
+        _active_trace = lambda: start_transaction(  # noqa: E731
+            name="request", op="http.server"
+        )
+    else:  # sentry-sdk 3: a span with no parent is the root of its trace
+        _active_trace = lambda: sentry_sdk.start_span(  # noqa: E731
+            name="request", attributes={"sentry.op": "http.server"}
+        )
