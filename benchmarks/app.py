@@ -9,7 +9,11 @@ the ``end`` mark (``benchmarks/instructions.py``).
 
 Tasks: ``noop`` (the workload), ``mark`` (a sentinel the worker runs before, halfway
 through and after the no-op tasks: it records wall time, CPU time and memory of the
-process that runs it), ``probe`` (records when a task started, for latency).
+process that runs it), ``probe`` (records when a task started, for latency). The
+other workloads' tasks: ``excluded`` (a no-op the contenders are told not to trace,
+``BENCH_EXCLUDED_TASK``), ``generation`` (makes one LLM call, recorded as a Langfuse
+generation by the contenders that use the SDK: ``contenders.generation``) and
+``ingest`` (takes a large JSON document and does nothing with it).
 """
 
 from __future__ import annotations
@@ -86,6 +90,51 @@ def memory_kib() -> dict[str, int]:
 
 @app.task(name="bench.noop")
 def noop() -> None:
+    return None
+
+
+@app.task(name="bench.excluded")
+def excluded() -> None:
+    return None
+
+
+_PROMPT = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": "Which queue should a nightly report task use?"},
+]
+_ANSWER = "Put it on a low-priority queue of its own so it never delays interactive tasks."
+
+
+def llm_call(messages: list[dict[str, str]]) -> dict[str, Any]:
+    """A stand-in for an LLM client's call: the reply an OpenAI-style API returns,
+    made without a network round trip, so that only its recording differs."""
+    prompt_tokens = sum(len(message["content"].split()) for message in messages)
+    completion_tokens = len(_ANSWER.split())
+    return {
+        "model": contenders.MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": _ANSWER},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "input": prompt_tokens,
+            "output": completion_tokens,
+            "total": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+@app.task(name="bench.generation")
+def generation() -> str:
+    reply = contenders.generation(llm_call, _PROMPT)
+    return str(reply["choices"][0]["message"]["content"])
+
+
+@app.task(name="bench.ingest")
+def ingest(document: dict[str, Any]) -> None:
     return None
 
 
