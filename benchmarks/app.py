@@ -27,7 +27,7 @@ from typing import Any, Optional
 from celery import Celery
 from redis import Redis
 
-from benchmarks import contenders
+from benchmarks import contenders, task_work
 
 CONTENDER = os.environ.get("BENCH_CONTENDER", "plain")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
@@ -98,38 +98,9 @@ def excluded() -> None:
     return None
 
 
-_PROMPT = [
-    {"role": "system", "content": "You answer in one short sentence."},
-    {"role": "user", "content": "Which queue should a nightly report task use?"},
-]
-_ANSWER = "Put it on a low-priority queue of its own so it never delays interactive tasks."
-
-
-def llm_call(messages: list[dict[str, str]]) -> dict[str, Any]:
-    """A stand-in for an LLM client's call: the reply an OpenAI-style API returns,
-    made without a network round trip, so that only its recording differs."""
-    prompt_tokens = sum(len(message["content"].split()) for message in messages)
-    completion_tokens = len(_ANSWER.split())
-    return {
-        "model": contenders.MODEL,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": _ANSWER},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "input": prompt_tokens,
-            "output": completion_tokens,
-            "total": prompt_tokens + completion_tokens,
-        },
-    }
-
-
 @app.task(name="bench.generation")
 def generation() -> str:
-    reply = contenders.generation(llm_call, _PROMPT)
+    reply = contenders.generation(task_work.llm_call, task_work.PROMPT)
     return str(reply["choices"][0]["message"]["content"])
 
 

@@ -39,6 +39,8 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Optional
 
+from benchmarks.task_work import Messages, record_generation
+
 CONTENDERS = ("plain", "celery-langfuse", "otel", "otel-langfuse", "sentry")
 LABELS = {
     "plain": "plain Celery",
@@ -53,7 +55,7 @@ RECORD_GENERATIONS = ("celery-langfuse", "otel-langfuse")
 
 _flush: Callable[[float], None] = lambda timeout: None  # noqa: E731
 _active_trace: Callable[[], Any] = contextlib.nullcontext
-_generation: Callable[[Callable[[list[dict[str, str]]], dict[str, Any]], list[dict[str, str]]], Any]
+_generation: Callable[[Callable[[Messages], dict[str, Any]], Messages], Any]
 _generation = lambda call, messages: call(messages)  # noqa: E731
 
 
@@ -95,9 +97,7 @@ def flush(timeout: float = 30.0) -> None:
     _flush(timeout)
 
 
-def generation(
-    call: Callable[[list[dict[str, str]]], dict[str, Any]], messages: list[dict[str, str]]
-) -> dict[str, Any]:
+def generation(call: Callable[[Messages], dict[str, Any]], messages: Messages) -> Any:
     """``call(messages)``, the task body's LLM call: recorded as a Langfuse generation
     by the contenders in :data:`RECORD_GENERATIONS`, made unrecorded by the others."""
     return _generation(call, messages)
@@ -145,21 +145,8 @@ def _langfuse_client(sample_rate: Optional[float] = None) -> Any:
     return _langfuse
 
 
-def _langfuse_generation(
-    call: Callable[[list[dict[str, str]]], dict[str, Any]], messages: list[dict[str, str]]
-) -> dict[str, Any]:
-    """The LLM call as the Langfuse SDK's documentation records one: a generation with
-    its model, input, output and usage, nested in whatever span is current."""
-    with _langfuse_client().start_as_current_observation(
-        name="llm", as_type="generation", model=MODEL, input=messages
-    ) as observation:
-        reply = call(messages)
-        observation.update(output=reply["choices"][0]["message"], usage_details=reply["usage"])
-    return reply
-
-
-#: The model name the benchmark's LLM call reports.
-MODEL = "bench-model"
+def _langfuse_generation(call: Callable[[Messages], dict[str, Any]], messages: Messages) -> Any:
+    return record_generation(_langfuse_client(), call, messages)
 
 
 def _otel_sampler(sample_rate: Optional[float], excluded: Optional[str]) -> Any:

@@ -16,7 +16,7 @@
     trace, and report how long each took from the call to the task's start.
 
 TASK is one of :data:`TASKS`: ``noop``, ``excluded``, ``generation`` or ``large-arg``
-(``ingest`` with a 100 kB JSON document, :func:`large_document`).
+(``ingest`` with a 100 kB JSON document: ``task_work.large_document``).
 """
 
 from __future__ import annotations
@@ -30,33 +30,9 @@ from typing import Any
 
 from benchmarks import contenders
 from benchmarks.app import app, excluded, generation, ingest, mark, noop, probe, results
+from benchmarks.task_work import large_document
 
 WARMUP = 200
-#: Bytes of JSON in the large argument.
-LARGE_ARGUMENT_BYTES = 100_000
-
-
-def large_document(size: int = LARGE_ARGUMENT_BYTES) -> dict[str, Any]:
-    """A JSON document of about ``size`` bytes, shaped like a batch of records a task
-    might be handed: a few top-level fields and a list of small objects."""
-    items: list[dict[str, Any]] = []
-    document: dict[str, Any] = {"id": "doc-1", "source": "bench", "items": items}
-    text = "lorem ipsum dolor sit amet consectetur adipiscing elit " * 2
-    while len(json.dumps(document)) < size:
-        i = len(items)
-        items.extend(
-            {
-                "id": j,
-                "title": f"record {j}",
-                "text": text,
-                "score": j / 7,
-                "tags": ["alpha", "beta"],
-                "done": j % 2 == 0,
-            }
-            for j in range(i, i + 10)
-        )
-    return document
-
 
 TASKS = {"noop": noop, "excluded": excluded, "generation": generation, "large-arg": ingest}
 
