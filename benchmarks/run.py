@@ -1,7 +1,7 @@
 """Measure what each Celery tracer costs, side by side, in one command.
 
-    python benchmarks/run.py                 # the default run, about 10 minutes on 2 cores
-    python benchmarks/run.py --quick         # a smoke run (about 2 minutes)
+    python benchmarks/run.py                 # every workload, about 27 minutes on 2 cores
+    python benchmarks/run.py --quick         # a smoke run (about 7 minutes)
     python benchmarks/run.py --n-worker 30000 --reps 5 --workloads solo,sink-down
 
 Every measurement runs the contender in fresh processes (a producer process, a
