@@ -154,9 +154,9 @@ def _otel_sampler(sample_rate: Optional[float], excluded: Optional[str]) -> Any:
     every root kept)."""
     if sample_rate is None and excluded is None:
         return None
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
-    sampler = ParentBased(TraceIdRatioBased(1.0 if sample_rate is None else sample_rate))
+    sampler = ParentBased(ALWAYS_ON if sample_rate is None else TraceIdRatioBased(sample_rate))
     return sampler if excluded is None else _DropTask(excluded, sampler)
 
 
