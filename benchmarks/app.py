@@ -9,7 +9,11 @@ the ``end`` mark (``benchmarks/instructions.py``).
 
 Tasks: ``noop`` (the workload), ``mark`` (a sentinel the worker runs before, halfway
 through and after the no-op tasks: it records wall time, CPU time and memory of the
-process that runs it), ``probe`` (records when a task started, for latency).
+process that runs it), ``probe`` (records when a task started, for latency). The
+other workloads' tasks: ``excluded`` (a no-op the contenders are told not to trace,
+``BENCH_EXCLUDED_TASK``), ``generation`` (makes one LLM call, recorded as a Langfuse
+generation by the contenders that use the SDK: ``contenders.generation``) and
+``ingest`` (takes a large JSON document and does nothing with it).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Optional
 from celery import Celery
 from redis import Redis
 
-from benchmarks import contenders
+from benchmarks import contenders, task_work
 
 CONTENDER = os.environ.get("BENCH_CONTENDER", "plain")
 QUEUE = os.environ.get("BENCH_QUEUE", "bench")
@@ -86,6 +90,22 @@ def memory_kib() -> dict[str, int]:
 
 @app.task(name="bench.noop")
 def noop() -> None:
+    return None
+
+
+@app.task(name="bench.excluded")
+def excluded() -> None:
+    return None
+
+
+@app.task(name="bench.generation")
+def generation() -> str:
+    reply = contenders.generation(task_work.llm_call, task_work.PROMPT)
+    return str(reply["choices"][0]["message"]["content"])
+
+
+@app.task(name="bench.ingest")
+def ingest(document: dict[str, Any]) -> None:
     return None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-_SAME = ("n_publish", "n_worker", "n_latency", "per_parent")
+_SAME = ("n_publish", "n_worker", "n_latency", "n_large", "per_parent")
 
 
 def main(argv: list[str]) -> None:
@@ -34,7 +34,8 @@ def main(argv: list[str]) -> None:
     first = docs[0]
     for path, doc in zip(paths, docs):
         for key in _SAME:
-            if doc["settings"][key] != first["settings"][key]:
+            # .get: results written before a setting existed (n_large) lack it
+            if doc["settings"].get(key) != first["settings"].get(key):
                 raise SystemExit(f"{path}: {key} differs from {paths[0]}; not pooled")
     contenders = [c for c in CONTENDERS if any(c in d["settings"]["contenders"] for d in docs)]
     workloads = [w for w in WORKLOADS if any(w in d["samples"] for d in docs)]

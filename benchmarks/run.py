@@ -1,7 +1,7 @@
 """Measure what each Celery tracer costs, side by side, in one command.
 
-    python benchmarks/run.py                 # the default run, about 10 minutes on 2 cores
-    python benchmarks/run.py --quick         # a smoke run (about 2 minutes)
+    python benchmarks/run.py                 # every workload, about 27 minutes on 2 cores
+    python benchmarks/run.py --quick         # a smoke run (about 7 minutes)
     python benchmarks/run.py --n-worker 30000 --reps 5 --workloads solo,sink-down
 
 Every measurement runs the contender in fresh processes (a producer process, a
@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
@@ -42,7 +43,61 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 from benchmarks import isolation, report  # noqa: E402
 from benchmarks.contenders import CONTENDERS  # noqa: E402
 
-WORKLOADS = ("publish", "publish-bare", "solo", "prefork", "latency", "sink-down")
+
+@dataclass(frozen=True)
+class Workload:
+    """One row group of the report: what the producer publishes, and who measures it."""
+
+    name: str
+    #: "publish" (time the publishes), "worker" (a worker drains them) or "latency"
+    job: str
+    pool: str = "solo"
+    #: Published inside request spans ("trace"), or with no active trace ("bare").
+    mode: str = "trace"
+    #: Every task under one long-lived request span, instead of --per-parent per span.
+    one_root: bool = False
+    #: The task published: one of benchmarks.producer.TASKS.
+    task: str = "noop"
+    #: The share of new traces every process of the contender keeps (None: all).
+    sample_rate: Optional[float] = None
+    #: The producer's request spans are sampled out (its tracer's rate is 0); the
+    #: workers keep their default and follow the trace's decision.
+    sampled_out: bool = False
+    sink_down: bool = False
+
+    def settings(self, producer: bool) -> dict[str, str]:
+        """The ``BENCH_*`` settings the contenders read (``contenders.setup``)."""
+        settings = {}
+        if self.sampled_out and producer:
+            settings["BENCH_SAMPLE_RATE"] = "0"
+        elif self.sample_rate is not None:
+            settings["BENCH_SAMPLE_RATE"] = str(self.sample_rate)
+        if self.task == "excluded":
+            settings["BENCH_EXCLUDED_TASK"] = "bench.excluded"
+        return settings
+
+
+_WORKLOADS = (
+    Workload("publish", "publish"),
+    Workload("publish-bare", "publish", mode="bare"),
+    Workload("publish-one-root", "publish", one_root=True),
+    Workload("publish-sampled-out", "publish", sampled_out=True),
+    Workload("publish-excluded", "publish", task="excluded"),
+    Workload("solo", "worker"),
+    Workload("prefork", "worker", pool="prefork"),
+    Workload("latency", "latency"),
+    Workload("sink-down", "worker", sink_down=True),
+    Workload("new-trace", "worker", mode="bare"),
+    Workload("new-trace-0.1", "worker", mode="bare", sample_rate=0.1),
+    Workload("one-root", "worker", one_root=True),
+    Workload("prefork-one-root", "worker", pool="prefork", one_root=True),
+    Workload("sampled-out", "worker", sampled_out=True),
+    Workload("excluded", "worker", task="excluded"),
+    Workload("generation", "worker", task="generation"),
+    Workload("large-arg", "worker", task="large-arg"),
+)
+WORKLOAD = {workload.name: workload for workload in _WORKLOADS}
+WORKLOADS = tuple(WORKLOAD)
 PYTHON = sys.executable
 
 
@@ -52,6 +107,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n-publish", type=int, default=2000, help="publishes timed per process")
     parser.add_argument("--n-worker", type=int, default=1500, help="no-op tasks per worker run")
     parser.add_argument("--n-latency", type=int, default=200, help="latency probes per process")
+    parser.add_argument(
+        "--n-large",
+        type=int,
+        default=500,
+        help="tasks per worker run of large-arg (default 500: 100 kB each waits in Redis)",
+    )
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     add_bench_arguments(parser)
     parser.add_argument(
@@ -68,6 +129,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.reps, args.n_publish, args.n_worker, args.n_latency = 1, 1000, 1000, 50
+        args.n_large = 200
     args.workloads = _choices(args.workloads, WORKLOADS, "workload")
     check_contenders(parser, args)
     return args
@@ -91,7 +153,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis",
         default="redis://127.0.0.1:6379",
-        help="Redis server; uses databases 13 (broker) and 14 (marks), deletes only its own keys",
+        help="Redis server; uses databases --broker-db and --marks-db, deletes only its own keys",
+    )
+    parser.add_argument("--broker-db", type=int, default=13, help="broker database (default 13)")
+    parser.add_argument(
+        "--marks-db", type=int, default=14, help="database of marks and probes (default 14)"
+    )
+    parser.add_argument(
+        "--queue-prefix", default="bench", help="queue names start with this (default bench)"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
 
@@ -119,8 +188,8 @@ class Bench:
 
         self.args = args
         self.workdir = workdir
-        self.broker_url = f"{args.redis}/13"
-        self.results_url = f"{args.redis}/14"
+        self.broker_url = f"{args.redis}/{args.broker_db}"
+        self.results_url = f"{args.redis}/{args.marks_db}"
         self.broker = Redis.from_url(self.broker_url)
         self.results = Redis.from_url(self.results_url)
         self.sink_port = _free_port()
@@ -149,7 +218,13 @@ class Bench:
             return json.loads(response.read())
 
     def env(
-        self, contender: str, *, queue: str = "bench", pool: str = "solo", sink_down: bool = False
+        self,
+        contender: str,
+        *,
+        queue: str = "bench",
+        pool: str = "solo",
+        sink_down: bool = False,
+        settings: Optional[dict[str, str]] = None,
     ) -> dict[str, str]:
         env = {
             key: value
@@ -178,6 +253,7 @@ class Bench:
             LANGFUSE_SECRET_KEY="sk-lf-bench",
             LANGFUSE_BASE_URL=sink,
         )
+        env.update(settings or {})
         return env
 
     def python(self, env: dict[str, str], *argv: str, timeout: float = 600) -> dict[str, Any]:
@@ -230,36 +306,55 @@ class Bench:
 
     # -- workloads ------------------------------------------------------------------
 
-    def publish(self, contender: str, mode: str) -> dict[str, Any]:
-        queue = f"bench-publish-{uuid.uuid4().hex[:8]}"
+    def queue_name(self, kind: str) -> str:
+        return f"{self.args.queue_prefix}-{kind}-{uuid.uuid4().hex[:8]}"
+
+    def per_parent(self, workload: Workload, n: int) -> int:
+        """Tasks per request span: all of them in one, or ``--per-parent``."""
+        return max(n, 1) if workload.one_root else self.args.per_parent
+
+    def publish(self, contender: str, workload: Workload) -> dict[str, Any]:
+        queue = self.queue_name("publish")
+        n = self.args.n_publish
         try:
             result = self.python(
-                self.env(contender, queue=queue),
+                self.env(contender, queue=queue, settings=workload.settings(producer=True)),
                 "publish",
-                str(self.args.n_publish),
-                mode,
-                str(self.args.per_parent),
+                str(n),
+                workload.mode,
+                str(self.per_parent(workload, n)),
+                workload.task,
             )
         finally:
             self.cleanup(queue, "")
         return {"publish_us": result["seconds_per_publish"] * 1e6}
 
-    def worker_run(self, contender: str, pool: str, *, sink_down: bool = False) -> dict[str, Any]:
-        queue = f"bench-{pool}-{uuid.uuid4().hex[:8]}"
+    def worker_run(self, contender: str, workload: Workload) -> dict[str, Any]:
+        pool = workload.pool
+        queue = self.queue_name(pool)
         key = f"marks-{queue}"
-        n = self.args.n_worker
+        n = self.args.n_large if workload.task == "large-arg" else self.args.n_worker
         try:
             self.python(
-                self.env(contender, queue=queue),
+                self.env(contender, queue=queue, settings=workload.settings(producer=True)),
                 "fill",
                 queue,
                 str(n),
                 key,
-                str(self.args.per_parent),
+                str(self.per_parent(workload, n)),
+                workload.mode,
+                workload.task,
             )
-            env = self.env(contender, queue=queue, pool=pool, sink_down=sink_down)
+            env = self.env(
+                contender,
+                queue=queue,
+                pool=pool,
+                sink_down=workload.sink_down,
+                settings=workload.settings(producer=False),
+            )
             deadline = time.monotonic() + 120 + n / 50
             cpu_at_start: Optional[dict[int, float]] = None
+            sent_before = self.sink_stats()
             with self.worker(env, queue, pool) as process:
                 while True:
                     marks = [json.loads(item) for item in self.results.lrange(key, 0, -1)]
@@ -268,9 +363,10 @@ class Bench:
                         cpu_at_start = _group_cpu(process.pid)
                     if "end" in labels:
                         cpu_at_end = _group_cpu(process.pid)
+                        sent_after = self.sink_stats()
                         break
                     if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"{contender} {pool} worker did not finish")
+                        raise RuntimeError(f"{contender} {workload.name} worker did not finish")
                     # Often until the start mark, so that the CPU the processes have used
                     # by then is read close to it; idle time after the end costs no CPU.
                     time.sleep(0.01 if cpu_at_start is None else 0.25)
@@ -290,6 +386,12 @@ class Bench:
             (e - s) / n * 1000 for e, s in zip(end["gc_runs"], start["gc_runs"])
         ]
         result["heap_objects"] = start["gc_objects"]
+        # What the worker sent to the sink by its end mark (which flushes in a solo
+        # worker; in prefork, the other pool process may still hold some): shows what
+        # each contender records on each workload, e.g. nothing of a sampled-out trace.
+        for field, stat in (("export_requests", "requests"), ("export_kb", "bytes")):
+            total = sum(sent_after[stat].values()) - sum(sent_before[stat].values())
+            result[field] = total / 1024 if stat == "bytes" else total
         if pool == "solo" and "cpu_after_flush" in end:
             result["cpu_us_per_task"] = (end["cpu_after_flush"] - start["cpu"]) / n * 1e6
         if pool == "prefork" and cpu_at_start is not None:
@@ -304,7 +406,7 @@ class Bench:
         return result
 
     def latency(self, contender: str) -> dict[str, Any]:
-        queue = f"bench-latency-{uuid.uuid4().hex[:8]}"
+        queue = self.queue_name("latency")
         key = f"probe-{queue}"
         try:
             with self.worker(self.env(contender, queue=queue), queue, "solo"):
@@ -316,19 +418,12 @@ class Bench:
         return {"latency_ms": statistics.median(result["seconds"]) * 1e3}
 
     def measure(self, workload: str, contender: str) -> dict[str, Any]:
-        if workload == "publish":
-            return self.publish(contender, "trace")
-        if workload == "publish-bare":
-            return self.publish(contender, "bare")
-        if workload == "solo":
-            return self.worker_run(contender, "solo")
-        if workload == "prefork":
-            return self.worker_run(contender, "prefork")
-        if workload == "latency":
-            return self.latency(contender)
-        if workload == "sink-down":
-            return self.worker_run(contender, "solo", sink_down=True)
-        raise ValueError(workload)
+        chosen = WORKLOAD[workload]
+        if chosen.job == "publish":
+            return self.publish(contender, chosen)
+        if chosen.job == "worker":
+            return self.worker_run(contender, chosen)
+        return self.latency(contender)
 
 
 def worker_command(queue: str, pool: str, loglevel: str) -> list[str]:
