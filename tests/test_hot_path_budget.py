@@ -174,11 +174,11 @@ class Harness:
         self.app = app
         self.installation = install(app, **options)
 
-        @app.task(name="budget.noop")
+        @app.task(name="budget.noop", shared=False)
         def noop(*args: object, **kwargs: object) -> None:
             return None
 
-        @app.task(name="budget.excluded")
+        @app.task(name="budget.excluded", shared=False)
         def excluded(*args: object, **kwargs: object) -> None:
             return None
 
