@@ -144,6 +144,19 @@ def test_deeply_nested_json_header_is_dropped() -> None:
     assert headers.extract({"x-langfuse-tags": "[" * 5_000}).attributes.tags == ()
 
 
+def test_json_headers_nest_at_most_32_deep_and_brackets_in_strings_do_not_count() -> None:
+    """Dropped before parsing: the parser would recurse near the interpreter's limit."""
+
+    def tags(value: str) -> tuple[str, ...]:
+        return headers.extract({"x-langfuse-tags": value}).attributes.tags
+
+    assert tags('["ok", ' + "[" * 31 + "]" * 31 + "]") == ("ok",)  # 32 deep
+    assert tags('["ok", ' + "[" * 32 + "]" * 32 + "]") == ()  # 33 deep
+    text = "[" * 60 + "{" * 60 + '\\"]'  # brackets, an escaped quote, in a string
+    shallow = json.dumps({"k": text, "n": [[1]] * 40})
+    assert headers.extract({"x-langfuse-metadata": shallow}).attributes.metadata == {"k": text}
+
+
 def test_environment_reserved_prefix_is_rejected() -> None:
     assert (
         headers.extract({"x-langfuse-environment": "langfuse-internal"}).attributes.environment

@@ -118,6 +118,10 @@ _MAX_ATTRIBUTE_CHARS = 200
 MAX_TAGS = 50
 MAX_METADATA_KEYS = 50
 _MAX_METADATA_CHARS = 8_000
+#: JSON header values nested deeper are dropped before they are parsed: the parser
+#: would recurse near the interpreter's limit ("[[[[..."), where any finalizer that
+#: runs meanwhile fails for lack of stack.
+_MAX_JSON_DEPTH = 32
 #: Longest trust secret or signature compared; a longer header is not trusted.
 MAX_SECRET_CHARS = 1_024
 _MAX_SKILLS_CHARS = 8_000
@@ -489,6 +493,31 @@ def extract(headers: Mapping[str, Any], *, trusted: bool = True) -> Extracted:
     )
 
 
+def _json_depth_at_most(text: str, limit: int) -> bool:
+    """Whether ``text``, read as JSON, nests arrays and objects at most ``limit`` deep.
+    Most values have few brackets and are answered by counting them."""
+    if text.count("[") + text.count("{") <= limit:
+        return True
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return False
+        elif char in "]}":
+            depth -= 1
+    return True
+
+
 def _linked_from(metadata: Mapping[str, str]) -> Optional[TraceParent]:
     """The observation a linked trace's metadata names, if both ids are valid."""
     ids = []
@@ -632,10 +661,14 @@ class _Reader:
         raw = self._headers.get(name)
         if raw is None:
             return None
-        if isinstance(raw, str) and len(raw) <= _MAX_METADATA_CHARS:
+        if (
+            isinstance(raw, str)
+            and len(raw) <= _MAX_METADATA_CHARS
+            and _json_depth_at_most(raw, _MAX_JSON_DEPTH)
+        ):
             try:
                 return json.loads(raw)
-            except (ValueError, RecursionError):  # "[[[[..." nests past the parser's limit
+            except ValueError:
                 pass
         self._drop(name, raw)
         return None
