@@ -36,7 +36,7 @@ from langfuse import get_client
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from celery_langfuse import client, install, trace_logs, uninstall
+from celery_langfuse import client, install, publish, trace_logs, uninstall
 from celery_langfuse.publish import on_before_task_publish
 from celery_langfuse.testing import CaptureServer
 
@@ -403,9 +403,12 @@ def test_run_of_a_sampled_out_trace_records_nothing_within_budget(
 
 
 def test_publish_of_an_excluded_task_records_nothing_within_budget(
-    harness_with: Callable[..., Harness], capture: CaptureServer
+    harness_with: Callable[..., Harness], capture: CaptureServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness = harness_with(**EXCLUDED)
+    # Publishing follows the first installed app's exclusions (process-wide): in a full
+    # run that is tests.support.tasks' app, installed when a test imports it.
+    monkeypatch.setattr(publish, "policy", harness.installation.config.policy)
     with get_client().start_as_current_observation(name="request"):
         calls = median_calls(lambda: harness.publish(harness.excluded))
         emptied(capture)
