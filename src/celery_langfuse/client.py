@@ -273,7 +273,7 @@ os.register_at_fork(after_in_child=_reset_exit_state)
 
 def flush_at_exit() -> None:
     """The process's last flush (``atexit``; billiard's exit finalizers in an embedded
-    beat), within what is left of the process's exit budget."""
+    beat), through :func:`flush_before_exit`."""
     if not flush_before_exit(shutdown=True):
         # OpenTelemetry's own exit hook runs next: it shuts the tracer provider down
         # and waits for the export still retrying against an unreachable Langfuse

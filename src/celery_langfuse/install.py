@@ -126,8 +126,8 @@ _warned_missing_keys = False
 
 def _flush_before_exit(**_: Any) -> None:
     """Prefork children exit through ``os._exit``: this signal is their last chance.
-    In a process that goes on to ``atexit`` (the worker's main process), that flush
-    gets only what is left of the same exit budget."""
+    In a process that goes on to ``atexit`` (the worker's main process), a later exit
+    flush after one that gave up takes only a moment (``client.flush_before_exit``)."""
     client.flush_before_exit()
 
 

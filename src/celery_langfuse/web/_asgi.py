@@ -104,8 +104,8 @@ def _flushing_at_shutdown(send: Send) -> Send:
     process buffered: a server may end the process without ``atexit`` hooks after it
     (uvicorn re-raises the SIGTERM it handled; its ``--workers`` processes import the
     app only after installing their own signal handlers). Bounded by the installation's
-    ``flush_timeout`` (the process's exit budget, shared with its later exit flushes),
-    off the event loop.
+    ``flush_timeout`` (``client.flush_before_exit``: a moment only, right after an exit
+    flush that gave up), off the event loop.
     """
 
     async def send_after_flushing(message: Message) -> None:
