@@ -21,7 +21,7 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from redis import Redis
 
-from celery_langfuse.testing import CaptureServer
+from celery_langfuse.testing import CaptureServer, Trace
 
 ROOT = Path(__file__).resolve().parent.parent
 # A user's project (docs/testing.md), run by tests/test_user_project.py in its own pytest.
@@ -81,6 +81,15 @@ def flush_in_process() -> None:
     from celery_langfuse import client
 
     client.flush(5)
+
+
+def request_trace(
+    capture: CaptureServer, root: str, *containing: str, timeout: float = 20.0
+) -> Trace:
+    """After a request: flush this process, then the one trace rooted at ``root``
+    once every observation named in ``containing`` arrived too."""
+    flush_in_process()
+    return capture.wait_for_trace(root, containing, timeout)
 
 
 class WorkerProcess:

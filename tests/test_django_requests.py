@@ -17,30 +17,13 @@ import pytest
 
 from celery_langfuse import logs
 from celery_langfuse.config import ConfigurationError
-from celery_langfuse.testing import CaptureServer, Trace
-from tests.conftest import flush_in_process
+from celery_langfuse.testing import CaptureServer
+from tests.conftest import flush_in_process, request_trace
 from tests.support.django_harness.fixtures import django_site, django_worker
 
 __all__ = ["django_site", "django_worker"]  # fixtures used by name below
 
 RECORD = "shop.record"
-
-
-def request_trace(capture: CaptureServer, name: str, *, waiting_for: str | None = None) -> Trace:
-    """The one trace whose root observation is ``name``, once it (and ``waiting_for``)
-    arrived."""
-    flush_in_process()
-
-    def matching(server: CaptureServer) -> list[Trace]:
-        return [t for t in server.traces() if any(o.name == name for o in t.root_observations())]
-
-    def ready(server: CaptureServer) -> bool:
-        found = matching(server)
-        return len(found) == 1 and (waiting_for is None or bool(found[0].find_all(waiting_for)))
-
-    capture.wait_for(ready, timeout=20)
-    (trace,) = matching(capture)
-    return trace
 
 
 def new_user(password: str | None = None) -> Any:
@@ -62,7 +45,7 @@ def test_path_converter_route_names_the_trace_and_the_task_joins_it(
     response = client.get("/orders/7/?color=red")
     assert response.status_code == 200
 
-    trace = request_trace(capture, "GET /orders/<int:pk>/", waiting_for=RECORD)
+    trace = request_trace(capture, "GET /orders/<int:pk>/", f"publish {RECORD}", RECORD)
 
     request = trace.find("GET /orders/<int:pk>/")
     assert trace.name == "GET /orders/<int:pk>/"
@@ -147,7 +130,7 @@ def test_anonymous_request_has_no_user_and_no_session(
 ) -> None:
     client.get("/orders/1/")
 
-    trace = request_trace(capture, "GET /orders/<int:pk>/", waiting_for=RECORD)
+    trace = request_trace(capture, "GET /orders/<int:pk>/", f"publish {RECORD}", RECORD)
 
     assert [(o.user_id, o.session_id) for o in trace.observations] == [
         (None, None) for _ in trace.observations
@@ -163,7 +146,7 @@ def test_logged_in_user_and_session_are_on_every_observation(
 
     client.get("/orders/2/")
 
-    trace = request_trace(capture, "GET /orders/<int:pk>/", waiting_for=RECORD)
+    trace = request_trace(capture, "GET /orders/<int:pk>/", f"publish {RECORD}", RECORD)
     assert trace.user_id == user.username  # CELERY_LANGFUSE_DJANGO["user_id"] = "username"
     session_id = trace.session_id
     assert session_id and len(session_id) == 32
@@ -215,7 +198,7 @@ def test_async_view_under_asgi_is_traced_with_user_and_task(
 
     assert asyncio.run(run()) == 200
 
-    trace = request_trace(capture, "GET /async-orders/<int:pk>/", waiting_for=RECORD)
+    trace = request_trace(capture, "GET /async-orders/<int:pk>/", f"publish {RECORD}", RECORD)
     request = trace.find("GET /async-orders/<int:pk>/")
     assert trace.find(f"publish {RECORD}").parent_id == request.id
     assert trace.find(RECORD).user_id == user.username

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from celery_langfuse.testing import CaptureServer, Trace, format_traces
-from tests.conftest import flush_in_process
+from celery_langfuse.testing import CaptureServer, format_traces
+from tests.conftest import flush_in_process, request_trace
 
 USER = {"Authorization": "Bearer user-7"}
 SESSION = {"session_id": "sess-42"}
@@ -23,29 +23,20 @@ def client(capture: CaptureServer) -> Iterator[TestClient]:
         yield test_client
 
 
-def request_trace(capture: CaptureServer, name: str, *, waiting_for: str | None = None) -> Trace:
-    """The one trace whose root observation is called ``name``, once it (and
-    ``waiting_for``, if given) arrived."""
-    flush_in_process()
-
-    def ready(server: CaptureServer) -> bool:
-        (trace,) = [
-            t for t in server.traces() if any(o.name == name for o in t.root_observations())
-        ]
-        return waiting_for is None or bool(trace.find_all(waiting_for))
-
-    capture.wait_for(ready, timeout=15)
-    (trace,) = [t for t in capture.traces() if any(o.name == name for o in t.root_observations())]
-    return trace
-
-
 def test_request_task_and_nested_task_are_one_trace(
     running_worker: Any, client: TestClient, capture: CaptureServer
 ) -> None:
     response = client.post("/orders/5", headers=USER)
     assert response.status_code == 200
 
-    trace = request_trace(capture, "POST /orders/{order_id}", waiting_for="tests.support.tasks.add")
+    trace = request_trace(
+        capture,
+        "POST /orders/{order_id}",
+        "publish tests.support.tasks.spawn_child",
+        "tests.support.tasks.spawn_child",
+        "publish tests.support.tasks.add",
+        "tests.support.tasks.add",
+    )
 
     assert trace.name == "POST /orders/{order_id}"
     request = trace.find("POST /orders/{order_id}")
@@ -64,7 +55,14 @@ def test_user_and_session_are_on_every_observation(
 ) -> None:
     client.post("/orders/1", headers=USER)
 
-    trace = request_trace(capture, "POST /orders/{order_id}", waiting_for="tests.support.tasks.add")
+    trace = request_trace(
+        capture,
+        "POST /orders/{order_id}",
+        "publish tests.support.tasks.spawn_child",
+        "tests.support.tasks.spawn_child",
+        "publish tests.support.tasks.add",
+        "tests.support.tasks.add",
+    )
 
     assert (trace.user_id, trace.session_id) == ("user-7", "sess-42")
     assert [(o.name, o.user_id, o.session_id) for o in trace.observations] == [
@@ -78,7 +76,10 @@ def test_async_endpoint_tasks_join_the_request_trace(
     client.post("/async-orders/3", headers=USER)
 
     trace = request_trace(
-        capture, "POST /async-orders/{order_id}", waiting_for="tests.support.tasks.add"
+        capture,
+        "POST /async-orders/{order_id}",
+        "publish tests.support.tasks.add",
+        "tests.support.tasks.add",
     )
 
     assert trace.find("tests.support.tasks.add").user_id == "user-7"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from celery_langfuse.testing import CaptureServer, Trace
-from tests.conftest import flush_in_process
+from celery_langfuse.testing import CaptureServer
+from tests.conftest import flush_in_process, request_trace
 
 USER = {"Authorization": "Bearer user-9"}
 
@@ -23,28 +23,18 @@ def client(capture: CaptureServer) -> Iterator[FlaskClient]:
     yield test_client
 
 
-def request_trace(capture: CaptureServer, name: str, *, waiting_for: str | None = None) -> Trace:
-    flush_in_process()
-
-    def matching(server: CaptureServer) -> list[Trace]:
-        return [t for t in server.traces() if any(o.name == name for o in t.root_observations())]
-
-    def ready(server: CaptureServer) -> bool:
-        (trace,) = matching(server)
-        return waiting_for is None or bool(trace.find_all(waiting_for))
-
-    capture.wait_for(ready, timeout=15)
-    (trace,) = matching(capture)
-    return trace
-
-
 def test_request_task_and_nested_task_are_one_trace(
     running_worker: Any, client: FlaskClient, capture: CaptureServer
 ) -> None:
     assert client.post("/orders/4", headers=USER).get_json()["task_id"]
 
     trace = request_trace(
-        capture, "POST /orders/<int:order_id>", waiting_for="tests.support.tasks.add"
+        capture,
+        "POST /orders/<int:order_id>",
+        "publish tests.support.tasks.spawn_child",
+        "tests.support.tasks.spawn_child",
+        "publish tests.support.tasks.add",
+        "tests.support.tasks.add",
     )
 
     request = trace.find("POST /orders/<int:order_id>")

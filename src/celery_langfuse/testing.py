@@ -636,6 +636,40 @@ class CaptureServer:
         except AssertionError as error:
             raise AssertionError(f"waiting for {what}: {error}") from None
 
+    def wait_for_trace(
+        self, root: str, containing: Iterable[str] = (), timeout: float = 10.0
+    ) -> Trace:
+        """The one trace with a root observation called ``root``, once it arrived
+        together with an observation of every name in ``containing``.
+
+        Name every observation the assertions look at: spans end and are exported
+        in whatever order the processes finish them (a nested task's run can arrive
+        before the run that spawned it), so waiting for the last one proves nothing
+        about the others. AssertionError after ``timeout`` if there is no such
+        trace, several, or one still missing a name.
+        """
+        wanted = set(containing)
+
+        def matching(server: CaptureServer) -> list[Trace]:
+            return [
+                t for t in server.traces() if any(o.name == root for o in t.root_observations())
+            ]
+
+        def ready(server: CaptureServer) -> bool:
+            found = matching(server)
+            if len(found) != 1:
+                return False
+            return wanted <= {obs.name for obs in found[0].observations}
+
+        try:
+            self.wait_for(ready, timeout)
+        except AssertionError as error:
+            raise AssertionError(
+                f"waiting for one trace rooted at {root!r} containing {sorted(wanted)}: {error}"
+            ) from None
+        (trace,) = matching(self)
+        return trace
+
     def _describe(self) -> str:
         with self._lock:
             counts = (
@@ -773,7 +807,9 @@ def _observation(span: Span, scope: str, resource: dict[str, Any]) -> Observatio
         ),
         model=_first_string(attributes, "langfuse.observation.model.name"),
         model_parameters=_json_object(attributes.get("langfuse.observation.model.parameters")),
-        usage_details=_usage_details(_json_object(attributes.get("langfuse.observation.usage_details"))),
+        usage_details=_usage_details(
+            _json_object(attributes.get("langfuse.observation.usage_details"))
+        ),
         cost_details=_json_object(attributes.get("langfuse.observation.cost_details")),
         attributes=attributes,
         scope=scope,
