@@ -106,6 +106,110 @@ def test_reapplied_attributes_are_what_the_producer_propagated(
     assert len(sent) >= 7  # user, session, tags, trace name, version, 2 metadata keys
 
 
+PLAIN_CASES = [
+    {"trace_name": "tasks.report"},
+    {"user_id": "u-1", "session_id": "s-1"},
+    {"user_id": "u-1", "tags": ["a", "b", "a"], "version": "v7", "trace_name": "t"},
+]
+
+
+@pytest.mark.parametrize("arguments", PLAIN_CASES)
+def test_plain_attributes_are_set_and_read_as_the_sdk_does_without_it(
+    arguments: dict[str, Any],
+) -> None:
+    """The common attributes (a task's trace name, a request's user and session) are
+    re-applied and read without importing the SDK (client._plain_context,
+    spans.PLAIN_PROPAGATED): the context, and the span attributes read from it, are
+    what the SDK's own functions make, with tags merged onto those already set."""
+    from langfuse._client.propagation import _get_propagated_attributes_from_context
+    from opentelemetry import context as otel_context
+
+    from celery_langfuse import spans
+
+    attributes = TraceAttributes(
+        **{k: tuple(v) if k == "tags" else v for k, v in arguments.items()}
+    )
+    for outer in ({}, {"tags": ["outer"], "user_id": "outer-user"}):
+        with propagate_attributes(**outer):
+            with propagate_attributes(**arguments):
+                by_sdk = otel_context.get_current()
+            mine = client._plain_context(attributes)
+        assert mine is not None, "plain attributes fell back to the SDK"
+        keys = {key for key in {*by_sdk, *mine} if key.startswith("langfuse.propagated.")}
+        assert {key: mine.get(key) for key in keys} == {key: by_sdk.get(key) for key in keys}
+        assert spans._propagated_attributes(mine) == _get_propagated_attributes_from_context(
+            by_sdk
+        )
+
+
+def test_other_attributes_are_left_to_the_sdk() -> None:
+    """Metadata, environment, prompt, skills and too-long values are set by the SDK's
+    own propagate_attributes (it validates and encodes them); the reader then calls the
+    SDK's reader for any context holding them."""
+    from langfuse._client.propagation import _get_propagated_attributes_from_context
+    from opentelemetry import context as otel_context
+
+    from celery_langfuse import spans
+
+    for attributes in (
+        TraceAttributes(trace_name="t", metadata={"k": "v"}),
+        TraceAttributes(trace_name="t", environment="staging"),
+        TraceAttributes(user_id="u" * 201),
+        TraceAttributes(tags=("t" * 201,)),
+    ):
+        assert client._plain_context(attributes) is None, attributes
+    with propagate_attributes(trace_name="t", metadata={"k": "v"}):
+        ctx = otel_context.get_current()
+        assert spans._propagated_attributes(ctx) == _get_propagated_attributes_from_context(ctx)
+        assert "langfuse.trace.metadata.k" in spans._propagated_attributes(ctx)
+
+
+def test_a_worker_starting_traces_never_imports_the_sdk(tmp_path: Any) -> None:
+    """A worker whose tasks never use the SDK runs traced tasks that start their own
+    trace (named after the task) without importing it: the SDK adds about 16 MB to a
+    process (issue 21). In a fresh interpreter: a run of a task published with no trace,
+    exported to a capture server, and `langfuse` still not in sys.modules."""
+    from tests.conftest import REDIS_URL
+
+    script = tmp_path / "worker_side.py"
+    script.write_text(
+        f"""
+import os, sys, uuid
+from celery_langfuse.testing import CaptureServer
+
+with CaptureServer() as capture:
+    os.environ.update(capture.env)
+    from celery import Celery
+    from celery_langfuse import client, install
+    from celery.contrib.testing.worker import start_worker
+
+    app = Celery("no_sdk", broker={REDIS_URL!r}, set_as_current=False)
+    app.conf.task_default_queue = "no-sdk-" + uuid.uuid4().hex[:8]
+    install(app)
+
+    @app.task(name="no_sdk.work", shared=False)
+    def work():
+        return 1
+
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+        work.delay()
+        capture.wait_for_observations(1, timeout=30, name="no_sdk.work")
+    print("trace name:", capture.traces()[0].name)
+    print("langfuse imported:", "langfuse" in sys.modules)
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trace name: no_sdk.work" in result.stdout, result.stdout
+    assert "langfuse imported: False" in result.stdout, result.stdout
+
+
 def test_reapplied_metadata_is_not_encoded_twice(langfuse_capture: CaptureServer) -> None:
     langfuse_capture.clear()
     with get_client().start_as_current_observation(name="producer"):

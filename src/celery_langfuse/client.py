@@ -555,6 +555,14 @@ def propagated(attributes: TraceAttributes) -> Iterator[None]:
     if not attributes:
         yield
         return
+    plain = _plain_context(attributes)
+    if plain is not None:
+        token = otel_context.attach(plain)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+        return
     import langfuse
 
     arguments: dict[str, Any] = {
@@ -579,6 +587,50 @@ def propagated(attributes: TraceAttributes) -> Iterator[None]:
         arguments["attach_skills"] = attributes.attach_skills
     with langfuse.propagate_attributes(**arguments):
         yield
+
+
+def _plain_context(attributes: TraceAttributes) -> Optional[otel_context.Context]:
+    """The current context with ``attributes`` set as ``propagate_attributes`` would
+    set them, where that needs nothing of the SDK (so a worker whose tasks never use
+    it does not import it): only user, session, version, tags and trace name, each
+    within the SDK's 200 characters, under a span that is not recording (the SDK would
+    set them on it too). None: let the SDK do it."""
+    if (
+        attributes.environment
+        or attributes.metadata
+        or attributes.prompt_name
+        or attributes.skills_available
+        or attributes.attach_skills is not None
+        or otel_trace.get_current_span().is_recording()
+    ):
+        return None
+    ctx = otel_context.get_current()
+    values: dict[str, Any] = {}
+    for key, value in (
+        (_USER_ID, attributes.user_id),
+        (_SESSION_ID, attributes.session_id),
+        (_TRACE_VERSION, attributes.version),
+        (_TRACE_NAME, attributes.trace_name),
+    ):
+        if value is not None:
+            if not isinstance(value, str) or len(value) > _MAX_PROPAGATED_CHARS:
+                return None  # the SDK drops it, with its warning
+            values[key] = value
+    if attributes.tags:
+        if any(len(tag) > _MAX_PROPAGATED_CHARS for tag in attributes.tags):
+            return None
+        # As the SDK merges them: those already set first, then the new ones not
+        # among them.
+        set_before = ctx.get(_TAGS)
+        existing = list(set_before) if isinstance(set_before, list) else []
+        values[_TAGS] = existing + [tag for tag in attributes.tags if tag not in existing]
+    for key, value in values.items():
+        ctx = otel_context.set_value(key, value, ctx)
+    return ctx
+
+
+#: The SDK drops a propagated string longer than this (``_validate_string_value``).
+_MAX_PROPAGATED_CHARS = 200
 
 
 def _str_or_none(value: Any) -> Optional[str]:

@@ -56,6 +56,19 @@ _NOT_SAMPLED = TraceFlags(TraceFlags.DEFAULT)
 _IS_APP_ROOT = "langfuse.internal.is_app_root"
 _MEDIA_MARK = ";base64,"
 _PROPAGATED_PREFIX = "langfuse.propagated."
+#: The ``propagate_attributes`` values read and written without the SDK: its context
+#: key (``_get_propagated_context_key``) -> the span attribute its processor copies it
+#: to (``_get_propagated_span_key``). Plain strings and a list of strings, which the
+#: SDK copies as they are; a context holding any other key of the SDK's (metadata,
+#: environment, prompt, skills, experiments) is read by the SDK's own function.
+#: tests/test_sdk_contract.py checks both directions against the installed SDK.
+PLAIN_PROPAGATED = {
+    _PROPAGATED_PREFIX + "user_id": "user.id",
+    _PROPAGATED_PREFIX + "session_id": "session.id",
+    _PROPAGATED_PREFIX + "version": "langfuse.version",
+    _PROPAGATED_PREFIX + "tags": "langfuse.trace.tags",
+    _PROPAGATED_PREFIX + "trace_name": "langfuse.trace.name",
+}
 # The SDK's names (langfuse/_client/propagation.py), here so that a worker need not
 # import the SDK; tests/test_lean_spans.py checks them against it.
 _BAGGAGE_PREFIX = "langfuse_"
@@ -414,15 +427,24 @@ def _propagated_attributes(context: otel_context.Context) -> dict[str, Any]:
     entries with ``as_baggage=True`` (the app-root claim aside).
     """
     # Loops, not any()/all() over generators: this runs for every observation.
+    plain: Optional[dict[str, Any]] = None
     for key in context:
         if isinstance(key, str) and key.startswith(_PROPAGATED_PREFIX):
-            break
+            span_key = PLAIN_PROPAGATED.get(key)
+            value = context[key]
+            if span_key is None or not isinstance(value, (str, list)):
+                break  # the SDK's reader: it validates and flattens the others
+            if plain is None:
+                plain = {}
+            plain[span_key] = value
     else:
         for key in baggage.get_all(context):
             if key != _APP_ROOT_CLAIM and key.startswith(_BAGGAGE_PREFIX):
                 break
         else:
-            return {}
+            # Only plain values (the usual case: a task's trace name, a request's user
+            # and session): copied as the SDK copies them, without importing it.
+            return plain or {}
     from langfuse._client.propagation import _get_propagated_attributes_from_context
 
     return _get_propagated_attributes_from_context(context)
