@@ -101,6 +101,23 @@ def test_secrets_nested_at_any_depth_are_redacted(worker: Any, capture: CaptureS
         assert secret not in text
 
 
+def test_secrets_in_plain_string_arguments_are_scrubbed(
+    worker: Any, capture: CaptureServer
+) -> None:
+    """A string argument holding a header dump or a query string: the values of its
+    sensitive ``name: value`` and ``name=value`` pairs never leave, the rest does."""
+    dump = "GET /v1 HTTP/1.1\r\nHost: api.internal\r\nAuthorization: Bearer hunter2-hdr\r\n"
+    result = worker.echo.delay(dump, ["retry?user=bob&api_key=hunter2-query"], note="ok: yes")
+    result.get(timeout=10)
+
+    run = run_of(capture, result.id)
+    sent_dump, (sent_query,) = run.input["args"]
+    assert sent_dump == f"GET /v1 HTTP/1.1\r\nHost: api.internal\r\nAuthorization: {REDACTED}\r\n"
+    assert sent_query == f"retry?user=bob&api_key={REDACTED}"
+    assert run.input["kwargs"] == {"note": "ok: yes"}
+    assert "hunter2" not in raw(capture)
+
+
 def test_a_secret_in_the_result_is_redacted(
     worker: Any, extra: Any, capture: CaptureServer
 ) -> None:

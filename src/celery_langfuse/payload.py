@@ -188,10 +188,11 @@ class PayloadCapture:
             if (
                 value is None
                 or kind in _SCALARS
-                or (kind is str and len(value) <= self.max_chars)
                 or (kind in _CONTAINERS and not value)
             ):
                 return [] if kind is list else {} if kind is dict else value
+            if kind is str and len(value) <= self.max_chars:
+                return _scrubbed(value, self.redactor)
             return capture(value, self.max_chars, self.redactor)
         captured = capture(value, self.max_chars, self.redactor)
         try:
@@ -207,6 +208,15 @@ class PayloadCapture:
             return self.redactor.scrub(value)
         except Exception:
             return "<not captured: scrubbing failed>"
+
+
+def _scrubbed(text: str, redactor: Redactor) -> str:
+    """A captured string with the values of sensitive ``name=value`` / ``name: value``
+    pairs in it replaced (a header dump, a query string, a repr); a string with no
+    ``=`` or ``:`` has none, and is returned without a scan."""
+    if "=" in text or ":" in text:
+        return redactor.scrub(text)
+    return text
 
 
 class _Walker:
@@ -248,6 +258,8 @@ class _Walker:
         return self._repr(value)
 
     def _string(self, value: str) -> str:
+        if self.redactor is not None:
+            value = _scrubbed(value, self.redactor)
         room = max(self.budget, 0)
         self.budget -= len(value) + 2
         if len(value) <= room:
@@ -255,10 +267,7 @@ class _Walker:
         return value[:room] + TRUNCATED
 
     def _repr(self, value: Any) -> str:
-        text = _repr.repr(value)
-        if self.redactor is not None:
-            text = self.redactor.scrub(text)
-        return self._string(text)
+        return self._string(_repr.repr(value))  # scrubbed there
 
     def _mapping(self, items: Iterable[tuple[Any, Any]], size: int, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
