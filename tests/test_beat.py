@@ -7,6 +7,7 @@ to the capture server, plus in-process checks of the scheduler wrap.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 import uuid
@@ -287,8 +288,14 @@ def test_beat_embedded_in_a_worker_traces_its_runs_and_sends_them_at_once(
             server.env, "-B", "-s", str(tmp_path / "schedule"), queue=queue,
             module="tests.support.beat_app", env={"LANGFUSE_FLUSH_INTERVAL": "30"},
             tmp_path=tmp_path,
-        ):
-            server.wait_for(lambda s: len(roots_of(s, tick)) >= 2, timeout=10)
+        ) as worker:
+            # The roots come from beat at once; the runs only at shutdown: wait until
+            # the worker ran two, or SIGTERM could leave a sent message unrun.
+            server.wait_for(
+                lambda s: len(roots_of(s, tick)) >= 2
+                and len(re.findall(rf"Task {ADD}\[[^\]]+\] succeeded", worker.log())) >= 2,
+                timeout=30,
+            )
     finally:
         _delete_keys(f"*{queue}*")
     # The worker's own runs are flushed when its processes shut down.

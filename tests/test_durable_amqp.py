@@ -154,6 +154,11 @@ def test_past_the_bound_rabbitmq_drops_the_oldest_and_the_forwarder_counts_them(
         # The forwarder counts the drops (every stats_every) and delivers the rest.
         capture.wait_for(lambda s: queue.stats().batches == 0, timeout=30)
         capture.wait_for(lambda s: queue.stats().count("uncounted_drops") == 0, timeout=30)
+        # Ready batches are 0 once taken, not once sent; drops are counted after they
+        # are taken: wait for every span to be delivered or counted.
+        capture.wait_for(
+            lambda s: len(s.deliveries) + forwarder.totals.dropped_spans == 800, timeout=30
+        )
         time.sleep(0.5)
     delivered = set(capture.deliveries)
     dropped = forwarder.totals.dropped_spans
@@ -178,7 +183,12 @@ def test_the_forwarders_drop_count_is_logged_while_rabbitmq_is_down_and_when_it_
     batches = overfill(queue_name, bound=16 * 1024, batches=10)
     forwarder = forwarder_for(queue_name, capture, stats_every=0.2)
     with running(forwarder):
-        capture.wait_for(lambda s: len(s.deliveries) + forwarder.totals.dropped_spans == 200)
+        # Each delivered batch also counted (acked after Langfuse's answer) before
+        # the broker goes away.
+        capture.wait_for(
+            lambda s: len(s.deliveries) + forwarder.totals.dropped_spans == 200
+            and forwarder.totals.forwarded_spans + forwarder.totals.dropped_spans == 200
+        )
         # The broker goes away (the shared one is never stopped: this forwarder's
         # connection now leads to a closed port, the same path as a broker restart).
         forwarder.queue.url = f"amqp://guest:guest@127.0.0.1:{free_port()}//"  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import pytest
 from langfuse import get_client, propagate_attributes
 
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import worker_process
+from tests.conftest import flush_in_process, worker_process
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,6 +42,7 @@ def test_green_pool_runs_nest_in_the_producers_trace(
 
         capture.wait_for(complete, timeout=20)
         log = worker.log()
+    flush_in_process()  # the publishes, made here
 
     trace = capture.trace(root.trace_id)
     assert trace.orphans() == []

@@ -14,7 +14,12 @@ from langfuse import get_client, propagate_attributes
 from redis import Redis
 
 from celery_langfuse.testing import CaptureServer
-from tests.conftest import REDIS_URL, sigkill_the_child_running, worker_process
+from tests.conftest import (
+    REDIS_URL,
+    flush_in_process,
+    sigkill_the_child_running,
+    worker_process,
+)
 
 pytestmark = pytest.mark.timeout(120)
 ADD = "tests.support.tasks.add"
@@ -46,6 +51,7 @@ def test_prefork_runs_join_the_producers_trace(
             ),
             timeout=20,
         )
+    flush_in_process()  # the request and its publishes, made here
 
     trace = capture.trace(root.trace_id)
     assert trace.orphans() == []
@@ -105,6 +111,7 @@ def test_a_child_killed_mid_task_closes_its_run_as_an_error_and_the_worker_keeps
         assert after.get(timeout=20) == 3
         capture.wait_for(lambda s: s.trace(root.trace_id).find(name), timeout=20)
         capture.wait_for(lambda s: runs_of(s, {after.id}), timeout=20)
+    flush_in_process()  # the request and its publish, made here
 
     trace = capture.trace(root.trace_id)
     lost = trace.find(name)
@@ -185,6 +192,7 @@ def test_a_worker_whose_tasks_never_use_the_sdk_does_not_load_it(
             lambda s: any(o.name == "tests.support.tasks.sdk_loaded" for o in s.observations),
             timeout=20,
         )
+    flush_in_process()  # the request and its publish, made here
     trace = capture.trace(root.trace_id)
     run = trace.find("tests.support.tasks.sdk_loaded")
     assert trace.find("publish tests.support.tasks.sdk_loaded").id == run.parent_id

@@ -175,6 +175,11 @@ def test_a_trace_is_whole_or_absent(worker: Any, capture: CaptureServer) -> None
         for child in children:
             child.get(timeout=10)
     flush_in_process()
+    # A result is stored before task_postrun ends the run: wait for the last runs too.
+    whole = sorted([SPAWN, f"publish {ADD}", ADD])
+    capture.wait_for(
+        lambda s: all(sorted(o.name for o in t.observations) == whole for t in s.traces())
+    )
 
     traces = capture.traces()
     assert 5 <= len(traces) <= 35, len(traces)  # about half of 40, binomially

@@ -25,7 +25,7 @@ from celery_langfuse.web import (
     inject_headers,
     trace_session,
 )
-from tests.conftest import flush_in_process
+from tests.conftest import flush_in_process, request_trace
 
 
 @contextmanager
@@ -74,9 +74,16 @@ def test_httpx_call_to_uvicorn_continues_through_the_worker(
     with calling_service() as caller, http:
         assert http.post(f"{api}/orders/8").status_code == 200
 
-    flush_in_process()
-    capture.wait_for(lambda s: s.trace(caller.trace_id).find("tests.support.tasks.add"), timeout=15)
-    trace = capture.trace(caller.trace_id)
+    trace = request_trace(
+        capture,
+        "caller",
+        "POST /orders/{order_id}",
+        "publish tests.support.tasks.spawn_child",
+        "tests.support.tasks.spawn_child",
+        "publish tests.support.tasks.add",
+        "tests.support.tasks.add",
+    )
+    assert trace.id == caller.trace_id
     request = trace.find("POST /orders/{order_id}")
     assert request.parent_id == caller.id
     assert trace.find("publish tests.support.tasks.spawn_child").parent_id == request.id
