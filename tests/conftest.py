@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # A user's project (docs/testing.md), run by tests/test_user_project.py in its own pytest.
 collect_ignore = ["user_project"]
 REDIS_URL = os.environ.get("CELERY_LANGFUSE_TEST_REDIS", "redis://127.0.0.1:6379/1")
+# The apps in tests/support read their broker from CELERY_LANGFUSE_TEST_BROKER: in this
+# process too it is the Redis the workers started here listen on (a parallel run with
+# its own CELERY_LANGFUSE_TEST_REDIS then publishes where its workers consume).
+os.environ.setdefault("CELERY_LANGFUSE_TEST_BROKER", REDIS_URL)
 
 
 def require_redis(url: str = REDIS_URL) -> None:

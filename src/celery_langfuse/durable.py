@@ -249,6 +249,18 @@ local function sizes(fields)
 end
 """
 
+# Settling or splitting one entry (KEYS[1] the stream, ARGV[1] the group, ARGV[2] the
+# entry id) starts alike: read it, acknowledge it, 0 if it is gone, its sizes.
+_TAKE = (
+    _FIELDS
+    + """
+local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if #entry == 0 then return 0 end
+local bytes, spans = sizes(entry[1][2])
+"""
+)
+
 # KEYS: stream, stats. ARGV: payload, span count, max bytes.
 # Returns {dropped batches, dropped spans}.
 _APPEND = (
@@ -289,12 +301,8 @@ return {dropped_batches, dropped_spans}
 # stream. Returns 1 when this call removed the entry, 0 when it was gone already
 # (dropped by the bound, or settled by a forwarder that had taken it over).
 _SETTLE = (
-    _FIELDS
+    _TAKE
     + """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if #entry == 0 then return 0 end
-local bytes, spans = sizes(entry[1][2])
 if ARGV[3] ~= 'forwarded' then
   local copy = {'MAXLEN', '~', ARGV[5], '*', 'id', ARGV[2], 'reason', ARGV[4]}
   for i = 1, #entry[1][2] do copy[#copy + 1] = entry[1][2][i] end
@@ -311,12 +319,8 @@ return 1
 # KEYS: stream, stats. ARGV: group, entry id, then payload and span count of each part.
 # Replaces an entry by its parts, atomically; 0 when the entry was gone already.
 _SPLIT = (
-    _FIELDS
+    _TAKE
     + """
-local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-if #entry == 0 then return 0 end
-local bytes, spans = sizes(entry[1][2])
 local added = 0
 for i = 3, #ARGV, 2 do
   redis.call('XADD', KEYS[1], '*', 'data', ARGV[i], 'spans', ARGV[i + 1])
