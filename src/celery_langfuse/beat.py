@@ -51,26 +51,18 @@ BEAT_TAG = "celery-beat"
 _HOSTNAME = socket.gethostname()
 
 
-def _every_task(task_name: str) -> bool:
-    return True
-
-
 class BeatTracing:
     """The beat-side handler of one installation: wraps its app's scheduler.
 
-    ``is_traced(task_name)`` decides whether an entry's runs are traced at all; an
-    entry whose task it rejects is sent exactly as without this library.
+    ``is_traced(task_name)`` (the configuration's ``traces_task``) decides whether an
+    entry's runs are traced at all; an entry whose task it rejects is sent exactly as
+    without this library.
     """
 
-    def __init__(
-        self,
-        app: Celery,
-        config: TracingConfig,
-        is_traced: Callable[[str], bool] = _every_task,
-    ) -> None:
+    def __init__(self, app: Celery, config: TracingConfig) -> None:
         self.app = app
         self.config = config
-        self.is_traced = is_traced
+        self.is_traced: Callable[[str], bool] = config.traces_task
         self._schedulers: weakref.WeakSet[Any] = weakref.WeakSet()
         self._sending_each_run: weakref.WeakSet[Any] = weakref.WeakSet()
 

@@ -278,11 +278,6 @@ class TracingConfig:
         object.__setattr__(config, "_sources", sources)
         return config
 
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> TracingConfig:
-        """Build from ``install()`` keyword arguments and the environment."""
-        return cls.resolve(options)
-
     def source_of(self, name: str) -> str:
         """Where the value of setting ``name`` came from, for people (and ``doctor``)."""
         sources: dict[str, str] = self.__dict__["_sources"]

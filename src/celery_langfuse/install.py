@@ -218,7 +218,7 @@ def install(app: Celery, **options: Any) -> Installation:
             app=app,
             config=config,
             worker=WorkerTracing(config),
-            beat=BeatTracing(app, config, is_traced=config.traces_task),
+            beat=BeatTracing(app, config),
             off_reason=off_reason,
         )
         _installations[id(app)] = installation
