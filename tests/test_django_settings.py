@@ -16,8 +16,8 @@ import pytest
 from celery import Celery
 
 from celery_langfuse import ConfigurationError, install, uninstall
+from celery_langfuse._install import installation_for
 from celery_langfuse.config import ENV_VARIABLES
-from celery_langfuse.install import installation_for
 from tests.support.django_harness.fixtures import django_site
 from tests.test_cli import doctor, setting_line
 

@@ -360,8 +360,8 @@ def test_an_unsupported_sdk_is_refused_at_install_and_tasks_run_untraced(
     from celery import Celery, signals
 
     from celery_langfuse import install
+    from celery_langfuse._install import installation_for
     from celery_langfuse.config import ConfigurationError
-    from celery_langfuse.install import installation_for
 
     monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-lf-unsupported")
     monkeypatch.setenv("LANGFUSE_SECRET_KEY", "sk-lf-unsupported")

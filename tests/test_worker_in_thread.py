@@ -294,7 +294,7 @@ def test_ignore_and_reject_close_the_run_without_an_error(
 
 
 def test_no_run_is_left_open_after_a_burst(worker: Any, capture: CaptureServer) -> None:
-    from celery_langfuse.install import _installations
+    from celery_langfuse._install import _installations
 
     results = [worker.add.delay(i, i) for i in range(30)] + [worker.fail.delay() for _ in range(5)]
     for r in results:

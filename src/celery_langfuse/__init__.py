@@ -14,9 +14,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._install import Installation, install, uninstall
     from .config import ConfigurationError, TracingConfig
     from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
-    from .install import Installation, install, uninstall
     from .sampling import SamplingContext
     from .trace_logs import add_trace_ids
 
@@ -28,9 +28,9 @@ _EXPORTS = {
     "TraceParent": "headers",
     "extract": "headers",
     "inject": "headers",
-    "Installation": "install",
-    "install": "install",
-    "uninstall": "install",
+    "Installation": "_install",
+    "install": "_install",
+    "uninstall": "_install",
     "SamplingContext": "sampling",
     "add_trace_ids": "trace_logs",
 }
@@ -55,11 +55,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'celery_langfuse' has no attribute {name!r}")
-    imported = importlib.import_module(f".{module}", __name__)
-    # Importing the submodule ``install`` binds the package attribute ``install`` to
-    # that module: rebind every name it exports, so ``install`` is the function
-    # whichever name was asked for first.
-    for exported, source in _EXPORTS.items():
-        if source == module:
-            globals()[exported] = getattr(imported, exported)
-    return globals()[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # looked up once
+    return value

@@ -108,9 +108,7 @@ def doctor(args: argparse.Namespace) -> int:
     app = _load_app(args.app, report)
     if app is None:
         return _summary(report)
-    # Imported only now: importing the submodule binds ``celery_langfuse.install`` to
-    # it, and the app module's ``from celery_langfuse import install`` must get the function.
-    from .install import installation_for
+    from ._install import installation_for
 
     installation = installation_for(app)
     report.section("Installation")

@@ -274,7 +274,7 @@ def langfuse_worker(langfuse_capture: CaptureServer, langfuse_celery_app: Any) -
     """
     from celery.contrib.testing.worker import start_worker
 
-    from celery_langfuse.install import installation_for
+    from celery_langfuse._install import installation_for
 
     app = langfuse_celery_app
     installation = installation_for(app)
@@ -300,7 +300,7 @@ def _install_again_with_keys() -> None:
     keys now set, the same options give a tracing installation. An app off for any
     other reason (``enabled=False``) stays off.
     """
-    installing = sys.modules.get("celery_langfuse.install")
+    installing = sys.modules.get("celery_langfuse._install")
     if installing is None:  # nothing was installed yet
         return
     from celery_langfuse.config import SETTING_NAMES

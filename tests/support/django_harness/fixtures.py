@@ -38,7 +38,7 @@ def django_site(langfuse_capture: CaptureServer) -> Iterator[Any]:
         django.setup()
         database.migrate()
         from celery_langfuse import install, uninstall
-        from celery_langfuse.install import installation_for
+        from celery_langfuse._install import installation_for
         from tests.support.django_site import celery_app
 
         if installation_for(celery_app) is None:  # undone by an earlier module

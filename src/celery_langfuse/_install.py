@@ -34,7 +34,8 @@ from .config import ConfigurationError, TracingConfig, app_settings
 from .publish import on_before_task_publish
 from .worker import WorkerTracing
 
-log = logging.getLogger(__name__)
+# Named as before the module became private: logging configurations name it.
+log = logging.getLogger("celery_langfuse.install")
 
 _MISSING_KEYS_WARNING = (
     "celery-langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY are not both set and no "
