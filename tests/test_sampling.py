@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from celery_langfuse import TracingConfig
-from celery_langfuse.sampling import SamplingContext, TaskPolicy, trace_id_sampled
+from celery_langfuse._policy import SamplingContext, TaskPolicy, trace_id_sampled
 from celery_langfuse.testing import CaptureServer, Observation
 from tests.conftest import flush_in_process, in_thread_worker
 

@@ -24,8 +24,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from celery_langfuse import SamplingContext, TracingConfig, install, sampling, uninstall
-from celery_langfuse.sampling import trace_id_sampled
+from celery_langfuse import SamplingContext, TracingConfig, _policy, install, uninstall
+from celery_langfuse._policy import trace_id_sampled
 from celery_langfuse.testing import CaptureServer
 from celery_langfuse.web import LangfuseASGIMiddleware
 from tests.conftest import REDIS_URL, beat_process, flush_in_process, worker_process
@@ -76,10 +76,10 @@ def web_app() -> FastAPI:
 @pytest.fixture
 def policy(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Set the process's sampling rule as ``install(app, **settings)`` of the first
-    installed app would (``sampling.process_policy``)."""
+    installed app would (``_policy.process_policy``)."""
 
     def use(**settings: Any) -> None:
-        monkeypatch.setattr(sampling, "process_policy", TracingConfig(**settings).policy)
+        monkeypatch.setattr(_policy, "process_policy", TracingConfig(**settings).policy)
 
     return use
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from celery_langfuse.sampling import trace_id_sampled
+from celery_langfuse._policy import trace_id_sampled
 from celery_langfuse.testing import CaptureServer
 from tests.conftest import worker_process
 

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._install import Installation, install, uninstall
+    from ._policy import SamplingContext
     from .config import ConfigurationError, TracingConfig
     from .headers import ALL_HEADERS, TraceAttributes, TraceParent, extract, inject
-    from .sampling import SamplingContext
     from .trace_logs import add_trace_ids
 
 _EXPORTS = {
@@ -31,7 +31,7 @@ _EXPORTS = {
     "Installation": "_install",
     "install": "_install",
     "uninstall": "_install",
-    "SamplingContext": "sampling",
+    "SamplingContext": "_policy",
     "add_trace_ids": "trace_logs",
 }
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from celery import Celery, signals
 
-from . import _sdk, client, export, publish, sampling, trace_logs
+from . import _policy, _sdk, client, export, publish, trace_logs
 from .beat import BeatTracing
 from .config import ConfigurationError, TracingConfig, app_settings
 from .publish import on_before_task_publish
@@ -258,8 +258,8 @@ def _apply_process_settings() -> None:
     if not active:
         _disconnect(_process_connections)
         publish.policy = None
-        sampling.process_policy = None
-        sampling.trace_guard.limit = None
+        _policy.process_policy = None
+        _policy.trace_guard.limit = None
         publish.trace_url_prefix = None
         publish.signing_key = None
         trace_logs.uninstall_record_factory()
@@ -269,8 +269,8 @@ def _apply_process_settings() -> None:
         client.flush_before_sigterm()
     first = active[0].config
     publish.policy = first.policy
-    sampling.process_policy = first.policy
-    sampling.trace_guard.limit = first.max_trace_observations
+    _policy.process_policy = first.policy
+    _policy.trace_guard.limit = first.max_trace_observations
     publish.trace_url_prefix = trace_logs.trace_url_prefix(first.project_id)
     publish.signing_key = first.producer_secret.encode() if first.producer_secret else None
     client.client_settings = client.ClientSettings(

@@ -39,7 +39,7 @@ from celery.schedules import schedule as interval
 from celery.utils.time import humanize_seconds
 from opentelemetry import context as otel_context
 
-from . import client, sampling
+from . import _policy, client
 from .config import TracingConfig
 from .headers import CronRun, TraceAttributes, TraceParent
 from .logs import warn_rate_limited
@@ -154,7 +154,7 @@ class BeatTracing:
         due_at = None if lateness is None else sent_at - lateness
         # The run starts a trace: its id is drawn first and the decision made from it,
         # by the rule of a task starting a trace (the entry's task names it).
-        trace_id = sampling.new_trace_id()
+        trace_id = _policy.new_trace_id()
         sampled = self.config.policy.sample_new_trace(
             trace_id, entry.task, entry.args or (), entry.kwargs or {}, {}, entry="beat"
         )
@@ -180,7 +180,7 @@ class BeatTracing:
         if not sampled:
             # Nothing recorded: the message carries the trace id with the sampled flag
             # off, so the worker records its run only if it fails (keep_failures).
-            unsampled = TraceParent(trace_id, sampling.new_span_id(), sampled=False)
+            unsampled = TraceParent(trace_id, _policy.new_span_id(), sampled=False)
             scope.enter_context(client.attached(unsampled.context()))
             return _CronRoot(None, trace_id, time.time_ns(), metadata, self._capture_input(entry))
         root = client.start_observation(

@@ -37,9 +37,9 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Link, Status, StatusCode
 
 from . import _sdk
-from .export import SpanExport, load_sender
+from ._policy import new_span_id
+from .export import ExportProcessor, load_sender
 from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
-from .sampling import new_span_id
 from .spans import (
     LeanSpan,
     Recorder,
@@ -57,7 +57,7 @@ _lock = threading.Lock()
 _client: Optional[langfuse.Langfuse] = None
 #: Every exporter of lean spans made in this process (see :func:`_recorder`), flushed
 #: with the client.
-_exports: list[SpanExport] = []
+_exports: list[ExportProcessor] = []
 #: Deadline for the flush at interpreter exit; ``install`` sets it from its settings.
 exit_flush_timeout = 3.0
 #: An exit flush gave up (Langfuse unreachable) and no flush has finished since: the
@@ -211,7 +211,7 @@ def _queued_spans(provider: Any) -> Optional[int]:
         processors = provider._active_span_processor._span_processors
         total = 0
         for processor in processors:
-            if isinstance(processor, SpanExport):
+            if isinstance(processor, ExportProcessor):
                 total += processor.queued()
                 continue
             batch = getattr(processor, "_batch_processor", None)
@@ -332,7 +332,7 @@ class _Holders:
     clients: tuple[Any, ...]
     #: Tracer providers no client flushes: the global one when the user built it.
     providers: tuple[Any, ...]
-    exports: tuple[SpanExport, ...]
+    exports: tuple[ExportProcessor, ...]
 
     @property
     def empty(self) -> bool:

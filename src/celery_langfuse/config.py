@@ -32,8 +32,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Union
 
+from ._policy import Sampler, TaskPolicy
 from .payload import PayloadCapture, Redactor
-from .sampling import Sampler, TaskPolicy
 
 log = logging.getLogger(__name__)
 

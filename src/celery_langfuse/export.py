@@ -10,7 +10,7 @@ SDK's batch processor. Retries follow the OTLP exporter's rule (connection error
 is dropped with a rate-limited warning, and a full queue drops new spans the same way:
 a task is never slowed or failed because Langfuse is down.
 
-:class:`SpanExport` is also registered as a span processor on the Langfuse client's
+:class:`ExportProcessor` is also registered as a span processor on the Langfuse client's
 tracer provider, doing nothing per span, so that ``langfuse.flush()`` and the
 client's shutdown flush this queue too.
 """
@@ -49,7 +49,7 @@ def load_sender() -> None:
     import requests  # noqa: F401
 
 
-class SpanExport(SpanProcessor):
+class ExportProcessor(SpanProcessor):
     """A queue of encoded spans and the thread that sends them (see the module doc)."""
 
     def __init__(

@@ -31,9 +31,9 @@ from typing import Any, Optional
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import client, headers, sampling
+from . import _policy, client, headers
+from ._policy import TaskPolicy
 from .logs import warn_rate_limited
-from .sampling import TaskPolicy
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _inject_trace(
     span = client.start_observation(f"publish {task_name}", context=ctx, metadata=metadata)
     trace_id = span.trace_id
     # The guard counts every publish; a retry stays in the trace of the run it repeats.
-    over_limit = sampling.trace_guard.over(trace_id)
+    over_limit = _policy.trace_guard.over(trace_id)
     if message_headers.get("retries"):
         linked = False
     elif link_requested is not None:
@@ -143,7 +143,7 @@ def _publish_linked(
 ) -> None:
     """End the publish observation (in the caller's trace) naming the new trace the
     message starts, and write that trace's id and its link to the caller's."""
-    linked_trace_id = sampling.new_trace_id()
+    linked_trace_id = _policy.new_trace_id()
     prefix = trace_url_prefix
     named: dict[str, Any] = {"linked_trace_id": linked_trace_id}
     if prefix:

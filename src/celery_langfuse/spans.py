@@ -6,7 +6,7 @@ queue until export, where they are copied for the media scan and rebuilt as prot
 objects: on a no-op task that was most of what tracing cost, garbage collection
 included (docs/benchmarks.md). A :class:`LeanSpan` is one object and a dict while it
 runs; when it ends it is queued as a flat tuple for
-:class:`~celery_langfuse.export.SpanExport`, whose thread encodes it to OTLP bytes
+:class:`~celery_langfuse.export.ExportProcessor`, whose thread encodes it to OTLP bytes
 (:mod:`celery_langfuse.otlp`) and sends it.
 
 It is still an OpenTelemetry span: made current, it is the parent of whatever the task
@@ -44,7 +44,7 @@ from opentelemetry import trace as otel_trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
 
 from . import _sdk, otlp
-from .export import SpanExport
+from .export import ExportProcessor
 
 if TYPE_CHECKING:
     from .headers import TraceParent
@@ -213,7 +213,7 @@ class LeanSpan(otel_trace.Span):
 class Recorder:
     """Starts :class:`LeanSpan` observations for one Langfuse client and sends them."""
 
-    def __init__(self, export: SpanExport, sdk_client: Callable[[], Any]) -> None:
+    def __init__(self, export: ExportProcessor, sdk_client: Callable[[], Any]) -> None:
         self.export = export
         # For the rare span carrying media, which the SDK's processor must see.
         self._sdk_client = sdk_client
@@ -577,7 +577,7 @@ def _span_export(
     compression: Optional[str],
     additional_headers: Optional[dict[str, str]],
     resource_attributes: dict[str, Any],
-) -> SpanExport:
+) -> ExportProcessor:
     """The exporter the SDK's span processor would be: same endpoint, headers, batch
     triggers and compression, from the same settings."""
     import base64
@@ -604,7 +604,7 @@ def _span_export(
     if sdk.ingestion_version is not None:
         headers["x-langfuse-ingestion-version"] = sdk.ingestion_version
     headers.update(additional_headers or {})
-    return SpanExport(
+    return ExportProcessor(
         endpoint=endpoint,
         headers=headers,
         timeout=float(timeout or 5),

@@ -6,7 +6,7 @@ session, tags, trace name, environment, metadata) and opens the run observation 
 current span, so everything the task does (nested tasks, LLM calls) nests inside it.
 ``task_postrun`` records the outcome and closes it.
 
-Sampling (see ``sampling.py``): a run follows its parent's sampled flag; a run that
+Sampling (see ``_policy.py``): a run follows its parent's sampled flag; a run that
 starts a trace draws the trace id first and then decides. A sampled-out run records
 nothing, but keeps what a failure report needs (a few references and its start time)
 so that, with ``keep_failures``, a failure is still recorded as the root of its trace,
@@ -49,7 +49,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import client, headers, sampling, trace_logs
+from . import _policy, client, headers, trace_logs
 from .config import TracingConfig
 from .logs import warn_rate_limited
 from .payload import describe_exception
@@ -285,7 +285,7 @@ class WorkerTracing:
         #: Runs tell ``task.request`` their trace id (and URL, with ``project_id``).
         self._request_ids = config.log_trace_ids
         self._trace_url_prefix = trace_logs.trace_url_prefix(config.project_id)
-        self._trace_counts = sampling.trace_guard.counts
+        self._trace_counts = _policy.trace_guard.counts
 
     # -- run lifecycle --------------------------------------------------------------
 
@@ -581,7 +581,7 @@ class WorkerTracing:
             # The run starts a trace: its id is drawn first so the decision is made from
             # it. A kept trace is named after the task unless the producer named it (a
             # sampled-out one skips that cost: a failure kept from it is its root anyway).
-            trace_id = sampling.new_trace_id()
+            trace_id = _policy.new_trace_id()
             sampled = self.config.policy.sample_new_trace(
                 trace_id, start.task_name, start.args or (), start.kwargs or {},
                 _custom_headers(start.request),
@@ -611,11 +611,11 @@ class WorkerTracing:
             )
             scope.callback(client.Observation.end, observation)
             scope.attach(client.context_with(observation, ctx, trace_id))
-            # Counted for max_trace_observations (sampling.TraceSizeGuard), inline: a
+            # Counted for max_trace_observations (_policy.TraceSizeGuard), inline: a
             # dictionary update and a bound, no call on the hot path.
             counts = self._trace_counts
             counts[trace_id] = counts.get(trace_id, 0) + 1
-            if len(counts) > sampling.MAX_COUNTED_TRACES:
+            if len(counts) > _policy.MAX_COUNTED_TRACES:
                 del counts[next(iter(counts))]
             return Run(observation, scope, trace_id=trace_id, captures=start.captures)
         if remote is not None:
@@ -625,7 +625,7 @@ class WorkerTracing:
             return Run(None, scope, trace_id=trace_id)
         if new_trace:
             # The run's own span id, never recorded: nested tasks name it as parent.
-            unsampled = headers.TraceParent(trace_id, sampling.new_span_id(), sampled=False)
+            unsampled = headers.TraceParent(trace_id, _policy.new_span_id(), sampled=False)
             scope.attach(unsampled.context())
         if not self.config.keep_failures:
             return Run(None, scope, trace_id=trace_id)
@@ -758,7 +758,7 @@ class WorkerTracing:
                 # The linked trace its publish observation names (kept, as the caller's).
                 trace_id, sampled = extracted.link_trace_id, True
             else:
-                trace_id = sampling.new_trace_id()
+                trace_id = _policy.new_trace_id()
                 sampled = self.config.policy.sample_new_trace(trace_id, task_name)
             if not sampled and not (level == "ERROR" and self.config.keep_failures):
                 return None

@@ -38,7 +38,7 @@ from typing import Any, Callable, NamedTuple, Optional
 from opentelemetry import context as otel_context
 from opentelemetry.trace import INVALID_SPAN, set_span_in_context
 
-from .. import client, headers, sampling
+from .. import _policy, client, headers
 from ..config import (
     SECRET_ALLOWED,
     ConfigurationError,
@@ -205,7 +205,7 @@ class RequestTrace:
     sent after the app has returned).
 
     A request that starts a trace is sampled like a task that starts one
-    (``sampling.sample_entry``, named ``METHOD /path``). Sampled out, it records
+    (``_policy.sample_entry``, named ``METHOD /path``). Sampled out, it records
     nothing, and its context carries the trace id with the sampled flag off, so the
     tasks it enqueues record nothing either; if it fails (5xx, or an exception) it is
     recorded after all, as the root of its trace, backdated (``keep_failures``).
@@ -250,8 +250,8 @@ class RequestTrace:
             if parent is None:
                 # The request starts a trace: its id is drawn first, the decision made
                 # from it by the rule a worker uses for a task starting one.
-                new_trace_id = sampling.new_trace_id()
-                if not sampling.sample_entry(
+                new_trace_id = _policy.new_trace_id()
+                if not _policy.sample_entry(
                     new_trace_id, f"{request.method} {request.path}", request.headers, "web"
                 ):
                     return cls._sampled_out(
@@ -282,11 +282,11 @@ class RequestTrace:
     ) -> RequestTrace:
         # The request's own span id, never recorded: enqueued tasks name it as parent
         # and, seeing the sampled flag off, record nothing (their failures aside).
-        unsampled = TraceParent(trace_id, sampling.new_span_id(), sampled=False)
+        unsampled = TraceParent(trace_id, _policy.new_span_id(), sampled=False)
         scope.enter_context(client.attached(unsampled.context(base)))
         scope.enter_context(client.propagated(attributes))
         kept = None
-        if sampling.keeps_failures():
+        if _policy.keeps_failures():
             kept = _KeptIfFailed(trace_id, time.time_ns(), metadata, attributes)
         return cls(request, None, scope, kept)
 

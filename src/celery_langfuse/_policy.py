@@ -35,7 +35,8 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from .logs import warn_rate_limited
 
-log = logging.getLogger(__name__)
+# Named as before the module became private: logging configurations name it.
+log = logging.getLogger("celery_langfuse.sampling")
 
 _TRACE_ID_LIMIT = (1 << 64) - 1
 _ids = RandomIdGenerator()
