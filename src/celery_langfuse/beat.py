@@ -18,7 +18,14 @@ Around each send the wrapper opens the run's root observation ``cron <entry>`` a
 current span, in a fresh context so it is never a child of anything, with the trace
 named after the entry and tagged ``celery-beat``. The publish handler then records its
 ``publish <task>`` child and writes the entry and due time onto the message, from which
-the worker scores the run's health (see ``client.score_cron_run``).
+the worker scores the run's health (:class:`CronHealth`, :func:`score_cron_run`).
+
+All of cron lives here, as Sentry keeps it in one module: the scheduler wrap and each
+run's root (beat side), the run being sent (:func:`sending_cron_run`, read by the
+publish handler), what a run reports when it ends (:class:`CronHealth`, built by
+:func:`cron_health` from the message's cron headers; worker side) and the scores
+(:func:`score_cron_run`, both sides). The wire format of the cron headers is
+``headers.CronRun``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -39,7 +47,7 @@ from celery.schedules import schedule as interval
 from celery.utils.time import humanize_seconds
 from opentelemetry import context as otel_context
 
-from . import _policy, client
+from . import _policy, _sdk, client, headers
 from .config import TracingConfig
 from .headers import CronRun, TraceAttributes, TraceParent
 from .logs import warn_rate_limited
@@ -49,6 +57,107 @@ log = logging.getLogger(__name__)
 
 BEAT_TAG = "celery-beat"
 _HOSTNAME = socket.gethostname()
+
+
+# -- cron runs -----------------------------------------------------------------------
+#
+# The beat layer opens a cron run's root observation around the scheduler's send; the
+# publish handler reads the run from the context to put it on the message.
+
+_CRON_RUN_KEY = otel_context.create_key("celery-langfuse.cron-run")
+
+#: Whether the installed SDK's ``create_score`` takes ``environment=`` (4.12+).
+_SCORE_TAKES_ENVIRONMENT = _sdk.installed().score_takes_environment
+#: Score names, one place for the worker and the beat process.
+CRON_SUCCESS_SCORE = "cron_success"
+CRON_LATENESS_SCORE = "cron_lateness_seconds"
+
+
+def current_cron_run(ctx: Optional[otel_context.Context] = None) -> Optional[CronRun]:
+    """The cron run whose message is being sent in ``ctx`` (default: the current
+    context), if any."""
+    run = otel_context.get_value(_CRON_RUN_KEY, ctx)
+    return run if isinstance(run, CronRun) else None
+
+
+@contextmanager
+def sending_cron_run(run: CronRun) -> Iterator[None]:
+    """Mark everything published inside as the message of this cron run."""
+    token = otel_context.attach(otel_context.set_value(_CRON_RUN_KEY, run))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def score_cron_run(
+    trace_id: str,
+    *,
+    success: Optional[bool] = None,
+    lateness_seconds: Optional[float] = None,
+    comment: Optional[str] = None,
+    metadata: Optional[dict[str, Any]] = None,
+    environment: Optional[str] = None,
+) -> None:
+    """Record the cron health scores of one run on its trace; None means "not known"."""
+    langfuse_client = client.get_langfuse()
+    # `environment=` arrived in SDK 4.12; before, a score takes the client's.
+    where: dict[str, Any] = {"environment": environment} if _SCORE_TAKES_ENVIRONMENT else {}
+    # Lateness first: scores leave in order, so whoever sees cron_success has both.
+    if lateness_seconds is not None:
+        langfuse_client.create_score(
+            name=CRON_LATENESS_SCORE,
+            value=round(lateness_seconds, 3),
+            trace_id=trace_id,
+            data_type="NUMERIC",
+            metadata=metadata,
+            **where,
+        )
+    if success is not None:
+        langfuse_client.create_score(
+            name=CRON_SUCCESS_SCORE,
+            value=1.0 if success else 0.0,
+            trace_id=trace_id,
+            data_type="NUMERIC",
+            comment=comment,
+            metadata=metadata,
+            **where,
+        )
+
+
+@dataclass(frozen=True)
+class CronHealth:
+    """What a run started by celery beat reports when it ends."""
+
+    entry: str
+    task_id: Optional[str]
+    #: Seconds from when the run was due to when this attempt started; only the
+    #: first attempt reports it, retries would count their own delay as lateness.
+    lateness_seconds: Optional[float]
+    environment: Optional[str]
+
+    def score(
+        self, trace_id: str, *, success: Optional[bool], comment: Optional[str] = None
+    ) -> None:
+        score_cron_run(
+            trace_id,
+            success=success,
+            lateness_seconds=self.lateness_seconds,
+            comment=comment,
+            metadata={"cron_entry": self.entry, "task_id": self.task_id},
+            environment=self.environment,
+        )
+
+
+
+def cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> CronHealth:
+    """The health a run that celery beat sent reports (``extracted.cron`` is set)."""
+    cron = extracted.cron
+    assert cron is not None  # the caller checks: most runs are not cron runs
+    lateness = None
+    if cron.due_at is not None and not getattr(request, "retries", 0):
+        lateness = max(time.time() - cron.due_at, 0.0)
+    return CronHealth(cron.entry, task_id, lateness, extracted.attributes.environment)
 
 
 class BeatTracing:
@@ -164,7 +273,7 @@ class BeatTracing:
         scope.enter_context(
             client.propagated(TraceAttributes(trace_name=entry.name, tags=(BEAT_TAG,)))
         )
-        scope.enter_context(client.sending_cron_run(CronRun(entry.name, due_at)))
+        scope.enter_context(sending_cron_run(CronRun(entry.name, due_at)))
         metadata = {
             "cron_entry": entry.name,
             "task": entry.task,
@@ -213,7 +322,7 @@ class BeatTracing:
                     pass
             else:
                 return
-            client.score_cron_run(
+            score_cron_run(
                 run.trace_id, success=False, comment=status, metadata={"cron_entry": entry_name}
             )
         except Exception:

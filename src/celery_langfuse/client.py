@@ -39,7 +39,7 @@ from opentelemetry.trace import Link, Status, StatusCode
 from . import _sdk
 from ._policy import new_span_id
 from .export import ExportProcessor, load_sender
-from .headers import CronRun, TraceAttributes, TraceParent, with_app_root_claim
+from .headers import TraceAttributes, TraceParent, with_app_root_claim
 from .spans import (
     LeanSpan,
     Recorder,
@@ -940,67 +940,3 @@ def _json(value: Any, mask: Any) -> str:
     if mask is not None:
         value = _masked(value, mask)
     return value if isinstance(value, str) else _encode(value)
-
-
-# -- cron runs -----------------------------------------------------------------------
-#
-# The beat layer opens a cron run's root observation around the scheduler's send; the
-# publish handler reads the run from the context to put it on the message.
-
-_CRON_RUN_KEY = otel_context.create_key("celery-langfuse.cron-run")
-
-#: Score names, one place for the worker and the beat process.
-CRON_SUCCESS_SCORE = "cron_success"
-CRON_LATENESS_SCORE = "cron_lateness_seconds"
-
-
-def current_cron_run(ctx: Optional[otel_context.Context] = None) -> Optional[CronRun]:
-    """The cron run whose message is being sent in ``ctx`` (default: the current
-    context), if any."""
-    run = otel_context.get_value(_CRON_RUN_KEY, ctx)
-    return run if isinstance(run, CronRun) else None
-
-
-@contextmanager
-def sending_cron_run(run: CronRun) -> Iterator[None]:
-    """Mark everything published inside as the message of this cron run."""
-    token = otel_context.attach(otel_context.set_value(_CRON_RUN_KEY, run))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
-
-
-def score_cron_run(
-    trace_id: str,
-    *,
-    success: Optional[bool] = None,
-    lateness_seconds: Optional[float] = None,
-    comment: Optional[str] = None,
-    metadata: Optional[dict[str, Any]] = None,
-    environment: Optional[str] = None,
-) -> None:
-    """Record the cron health scores of one run on its trace; None means "not known"."""
-    langfuse_client = get_langfuse()
-    # `environment=` arrived in SDK 4.12; before, a score takes the client's.
-    where: dict[str, Any] = {"environment": environment} if _SDK.score_takes_environment else {}
-    # Lateness first: scores leave in order, so whoever sees cron_success has both.
-    if lateness_seconds is not None:
-        langfuse_client.create_score(
-            name=CRON_LATENESS_SCORE,
-            value=round(lateness_seconds, 3),
-            trace_id=trace_id,
-            data_type="NUMERIC",
-            metadata=metadata,
-            **where,
-        )
-    if success is not None:
-        langfuse_client.create_score(
-            name=CRON_SUCCESS_SCORE,
-            value=1.0 if success else 0.0,
-            trace_id=trace_id,
-            data_type="NUMERIC",
-            comment=comment,
-            metadata=metadata,
-            **where,
-        )

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import _policy, client, headers
+from . import _policy, beat, client, headers
 from ._policy import TaskPolicy
 from .logs import warn_rate_limited
 
@@ -76,7 +76,7 @@ def _inject_trace(
 ) -> None:
     ctx = otel_context.get_current()
     attributes = client.current_trace_attributes(ctx)
-    cron = client.current_cron_run(ctx)
+    cron = beat.current_cron_run(ctx)
     current = otel_trace.get_current_span(ctx).get_span_context()
     link_requested = (
         None

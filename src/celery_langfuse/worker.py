@@ -15,7 +15,7 @@ parent stays current so the tasks it publishes stay in the trace.
 
 A run that celery beat started (the message names its schedule entry) also records
 the cron health scores on its trace when it ends: ``cron_success`` and
-``cron_lateness_seconds`` (see ``client.score_cron_run``).
+``cron_lateness_seconds`` (see ``beat.score_cron_run``).
 
 Open runs live in :class:`RunRegistry`, keyed by task id and bounded in size; nothing
 is stored on task objects. Messages that never run (revoked, unknown, rejected) are
@@ -49,7 +49,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from opentelemetry import context as otel_context
 from opentelemetry import trace as otel_trace
 
-from . import _policy, client, headers, trace_logs
+from . import _policy, beat, client, headers, trace_logs
 from .config import TracingConfig
 from .logs import warn_rate_limited
 from .payload import describe_exception
@@ -72,7 +72,7 @@ class Start:
     extracted: headers.Extracted
     #: Whether the task's input and output may be captured (name patterns, task option).
     captures: bool
-    cron: Optional[CronHealth] = None
+    cron: Optional[beat.CronHealth] = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class Run:
     captures: bool = True
     #: Set for a run of a sampled-out trace whose failure would be kept.
     sampled_out: Optional[SampledOut] = None
-    cron: Optional[CronHealth] = None
+    cron: Optional[beat.CronHealth] = None
     #: Set for a celery-batches run: the messages it processes, and when it began.
     batch: Optional[Batch] = None
 
@@ -171,30 +171,6 @@ class LostRun(NamedTuple):
     observation_id: Optional[str]
     #: Set once the message was delivered to this process again.
     redelivered: bool = False
-
-
-@dataclass(frozen=True)
-class CronHealth:
-    """What a run started by celery beat reports when it ends."""
-
-    entry: str
-    task_id: Optional[str]
-    #: Seconds from when the run was due to when this attempt started; only the
-    #: first attempt reports it, retries would count their own delay as lateness.
-    lateness_seconds: Optional[float]
-    environment: Optional[str]
-
-    def score(
-        self, trace_id: str, *, success: Optional[bool], comment: Optional[str] = None
-    ) -> None:
-        client.score_cron_run(
-            trace_id,
-            success=success,
-            lateness_seconds=self.lateness_seconds,
-            comment=comment,
-            metadata={"cron_entry": self.entry, "task_id": self.task_id},
-            environment=self.environment,
-        )
 
 
 class RunRegistry:
@@ -246,8 +222,11 @@ class RunRegistry:
             return run
 
 
-def request_headers(request: Any) -> Mapping[str, Any]:
-    """The trace headers of a task's request (and maybe other custom headers).
+def message_headers(source: Any) -> Mapping[str, Any]:
+    """The message headers of whatever a Celery signal hands over: a task's request
+    (``task.request``, a ``Context``), the worker's ``Request`` of a message (its
+    ``request_dict``), a kombu ``Message``, or the headers themselves. The one way this
+    module reads headers.
 
     A real worker delivers custom message headers both as ``request.headers`` and as
     request attributes; eager runs only in ``request.headers``. When ``request.headers``
@@ -257,10 +236,15 @@ def request_headers(request: Any) -> Mapping[str, Any]:
     entries of the instance dict: reading that dict avoids an AttributeError for every
     header a message does not carry.
     """
-    delivered = _custom_headers(request)
+    if type(source) is dict:
+        return source
+    carried = getattr(source, "request_dict", None)  # a worker Request: the message's
+    if type(carried) is dict:
+        return carried
+    delivered = _custom_headers(source)
     if headers.TRACE_ID in delivered or headers.TRACEPARENT in delivered:
         return delivered
-    attributes: Mapping[str, Any] = getattr(request, "__dict__", None) or {}
+    attributes: Mapping[str, Any] = getattr(source, "__dict__", None) or {}
     found = {}
     for name in headers.ALL_HEADERS:
         value = delivered.get(name)
@@ -377,7 +361,9 @@ class WorkerTracing:
 
     def _note_redelivery(self, request: Any) -> None:
         task_id = request.id
-        message_headers = request.request_dict
+        # The worker Request's request_dict itself: the redelivery mark written into it
+        # below is what the run reads.
+        carried = message_headers(request)
         losses = self._recorded_losses
         known = losses.get(task_id)
         if known is not None and not known.redelivered and known.observation_id:
@@ -386,7 +372,7 @@ class WorkerTracing:
             attempt = 1 if known is None else known.attempt + 1
             recorded = self._record_unrun(
                 request.name,
-                message_headers,
+                carried,
                 task_id,
                 "WARNING",
                 "an earlier delivery did not finish: its pool process died (or its worker "
@@ -398,9 +384,10 @@ class WorkerTracing:
         losses.move_to_end(task_id)
         if len(losses) > _REMEMBERED_LOSSES:
             losses.popitem(last=False)
-        message_headers[headers.REDELIVERY] = headers.redelivery_value(
-            earlier.attempt + 1, earlier.observation_id
-        )
+        if type(carried) is dict:
+            carried[headers.REDELIVERY] = headers.redelivery_value(
+                earlier.attempt + 1, earlier.observation_id
+            )
 
     def on_task_postrun(
         self,
@@ -475,7 +462,7 @@ class WorkerTracing:
         name = getattr(request, "task", None)
         self._record_unrun(
             name if isinstance(name, str) else "task",
-            request_headers(request),
+            message_headers(request),
             getattr(request, "id", None),
             "WARNING",
             status,
@@ -486,19 +473,19 @@ class WorkerTracing:
     ) -> None:
         self._record_unrun(
             name or "task",
-            _dict_headers(getattr(message, "headers", None)),
+            message_headers(message),
             id,
             "ERROR",
             f"unknown task {name!r}: no worker registered it",
         )
 
     def on_task_rejected(self, message: Any = None, exc: Any = None, **_: Any) -> None:
-        message_headers = _dict_headers(getattr(message, "headers", None))
-        name = message_headers.get("task") if isinstance(message_headers.get("task"), str) else None
+        found = message_headers(message)
+        name = found.get("task") if isinstance(found.get("task"), str) else None
         self._record_unrun(
             name or "task",
-            message_headers,
-            message_headers.get("id"),
+            found,
+            found.get("id"),
             "ERROR",
             f"message rejected: {describe_exception(exc)}",
         )
@@ -508,7 +495,7 @@ class WorkerTracing:
     def _open_run(self, task_id: str, task: Any, args: Any, kwargs: Any) -> None:
         request = task.request
         rules = self.config.policy.rules(task.name)
-        extracted = _extract(request_headers(request), task_id, self._producer_key)
+        extracted = _extract(message_headers(request), task_id, self._producer_key)
         start = Start(
             task_id=task_id,
             task_name=task.name,
@@ -517,7 +504,7 @@ class WorkerTracing:
             kwargs=kwargs,
             extracted=extracted,
             captures=rules.capture and getattr(task, "langfuse_capture", True) is not False,
-            cron=None if extracted.cron is None else _cron_health(extracted, task_id, request),
+            cron=None if extracted.cron is None else beat.cron_health(extracted, task_id, request),
         )
         batch = None
         if _BATCH_TASK_TYPES.get(type(task)) is not False:  # a dict lookup, no call
@@ -649,7 +636,7 @@ class WorkerTracing:
                 name = getattr(request, "name", None) or "task"
                 if not self.config.policy.traces_task(name):
                     continue
-                message_headers = _dict_headers(getattr(request, "request_dict", None))
+                carried = message_headers(request)
                 fields: dict[str, Any] = {
                     "name": name,
                     "level": "ERROR" if failed else None,
@@ -663,7 +650,7 @@ class WorkerTracing:
                     },
                 }
                 self._record_unrun_observation(
-                    _extract(message_headers, fields["metadata"]["task_id"], self._producer_key),
+                    _extract(carried, fields["metadata"]["task_id"], self._producer_key),
                     name,
                     fields,
                     "ERROR" if failed else "DEFAULT",
@@ -711,7 +698,7 @@ class WorkerTracing:
     def _record_unrun(
         self,
         task_name: str,
-        message_headers: Mapping[str, Any],
+        carried: Mapping[str, Any],
         task_id: Any,
         level: SpanLevel,
         status: str,
@@ -722,7 +709,7 @@ class WorkerTracing:
         try:
             if not self.config.policy.traces_task(task_name):
                 return None
-            extracted = _extract(message_headers, task_id, self._producer_key)
+            extracted = _extract(carried, task_id, self._producer_key)
             fields: dict[str, Any] = {
                 "name": task_name,
                 "level": level,
@@ -731,7 +718,7 @@ class WorkerTracing:
             }
             recorded = self._record_unrun_observation(extracted, task_name, fields, level)
             if recorded is not None and extracted.cron is not None:
-                cron = CronHealth(
+                cron = beat.CronHealth(
                     extracted.cron.entry, task_id, None, extracted.attributes.environment
                 )
                 cron.score(recorded.trace_id, success=False, comment=fields["status_message"])
@@ -777,12 +764,12 @@ _REMEMBERED_LOSSES = 1024
 
 
 def _extract(
-    message_headers: Mapping[str, Any], task_id: Any, producer_key: Optional[bytes]
+    carried: Mapping[str, Any], task_id: Any, producer_key: Optional[bytes]
 ) -> headers.Extracted:
     # With a producer secret, a message not signed with it keeps its run and its W3C
     # parent but not its trace attributes or Langfuse parent (headers.extract).
-    trusted = producer_key is None or headers.signed_by(message_headers, producer_key)
-    extracted = headers.extract(message_headers, trusted=trusted)
+    trusted = producer_key is None or headers.signed_by(carried, producer_key)
+    extracted = headers.extract(carried, trusted=trusted)
     if extracted.malformed:
         warn_rate_limited(
             log,
@@ -795,16 +782,6 @@ def _extract(
     return extracted
 
 
-def _cron_health(extracted: headers.Extracted, task_id: str, request: Any) -> CronHealth:
-    """The health a run that celery beat sent reports (``extracted.cron`` is set)."""
-    cron = extracted.cron
-    assert cron is not None  # the caller checks: most runs are not cron runs
-    lateness = None
-    if cron.due_at is not None and not getattr(request, "retries", 0):
-        lateness = max(time.time() - cron.due_at, 0.0)
-    return CronHealth(cron.entry, task_id, lateness, extracted.attributes.environment)
-
-
 #: The cron_success score of a run's final state; a retry is not final, and a task
 #: that ignored itself (or was replaced) reports nothing.
 _CRON_SUCCESS_BY_STATE = {states.SUCCESS: True, states.FAILURE: False, states.REJECTED: False}
@@ -814,7 +791,7 @@ def _run_metadata(
     task_id: str,
     request: Any,
     published_at: Optional[float],
-    cron: Optional[CronHealth],
+    cron: Optional[beat.CronHealth],
     now: Optional[float] = None,
 ) -> dict[str, Any]:
     delivery_info = getattr(request, "delivery_info", None) or {}
@@ -981,9 +958,5 @@ def _request_headers(task: Any, task_id: str) -> Mapping[str, Any]:
     # recorded in a trace of its own.
     request = getattr(task, "request", None)
     if getattr(request, "id", None) == task_id:
-        return request_headers(request)
+        return message_headers(request)
     return {}
-
-
-def _dict_headers(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
