@@ -13,6 +13,13 @@ from tests.conftest import flush_in_process, request_trace
 
 USER = {"Authorization": "Bearer user-7"}
 SESSION = {"session_id": "sess-42"}
+#: What POST /orders/{order_id} makes below its request observation, all waited for.
+ORDER_TRACE = (
+    "publish tests.support.tasks.spawn_child",
+    "tests.support.tasks.spawn_child",
+    "publish tests.support.tasks.add",
+    "tests.support.tasks.add",
+)
 
 
 @pytest.fixture
@@ -29,14 +36,7 @@ def test_request_task_and_nested_task_are_one_trace(
     response = client.post("/orders/5", headers=USER)
     assert response.status_code == 200
 
-    trace = request_trace(
-        capture,
-        "POST /orders/{order_id}",
-        "publish tests.support.tasks.spawn_child",
-        "tests.support.tasks.spawn_child",
-        "publish tests.support.tasks.add",
-        "tests.support.tasks.add",
-    )
+    trace = request_trace(capture, "POST /orders/{order_id}", *ORDER_TRACE)
 
     assert trace.name == "POST /orders/{order_id}"
     request = trace.find("POST /orders/{order_id}")
@@ -55,14 +55,7 @@ def test_user_and_session_are_on_every_observation(
 ) -> None:
     client.post("/orders/1", headers=USER)
 
-    trace = request_trace(
-        capture,
-        "POST /orders/{order_id}",
-        "publish tests.support.tasks.spawn_child",
-        "tests.support.tasks.spawn_child",
-        "publish tests.support.tasks.add",
-        "tests.support.tasks.add",
-    )
+    trace = request_trace(capture, "POST /orders/{order_id}", *ORDER_TRACE)
 
     assert (trace.user_id, trace.session_id) == ("user-7", "sess-42")
     assert [(o.name, o.user_id, o.session_id) for o in trace.observations] == [
