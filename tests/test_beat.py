@@ -500,9 +500,11 @@ def test_a_real_beat_captures_entry_arguments_with_the_installations_redact_keys
     try:
         with beat_process(server.env, queue=queue, env=env, tmp_path=tmp_path) as beat_proc:
             _wait_until(lambda: f"Sending due task {secret}" in beat_proc.log(), "beat to send")
+            # While beat runs: it logs "Sending due task" before the send, so a SIGTERM
+            # right after the line could stop it before the run's root ended.
+            server.wait_for(lambda s: roots_of(s, secret), timeout=20)
     finally:
         _delete_keys(f"*{queue}*")
-    server.wait_for(lambda s: roots_of(s, secret), timeout=10)
     for root in roots_of(server, secret):
         assert root.input == {
             "args": ["plain"],
